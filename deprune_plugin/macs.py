@@ -1,0 +1,73 @@
+"""Sparsity-aware parameter and MAC counting.
+
+``tp.utils.count_ops_and_params`` counts pruned (zero) taps as work and misses Conv2d subclasses; here a
+conv's MACs per sample are ``Ho * Wo * kept weights`` (kept = mask nnz for masked DW convs, all weights
+otherwise) and a Linear's are ``positions * in * out``. Only convs and linears are counted (BN, activations
+and pooling are cheap and vanish when folded).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .masks import tap_mask
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Per-sample MACs and parameter count of a model."""
+
+    macs: int
+    params: int
+
+
+def _kept_weights(m: nn.Module) -> int:
+    mask = tap_mask(m)
+    return int(mask.sum()) if mask is not None else m.weight.numel()
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters minus pruned DW taps."""
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        mask = tap_mask(m)
+        if mask is not None:
+            total -= int((~mask).sum())
+    return total
+
+
+@torch.no_grad()
+def count_cost(model: nn.Module, example_inputs: tuple) -> Cost:
+    """MACs per sample (only unpruned taps) and parameters of ``model`` on ``example_inputs``.
+
+    The model runs once in eval mode; its training flag is restored.
+    """
+    macs = 0
+    batch = max(1, int(example_inputs[0].shape[0])) if isinstance(example_inputs[0], torch.Tensor) else 1
+
+    def conv_hook(m, inp, out):
+        nonlocal macs
+        macs += out.shape[-1] * out.shape[-2] * _kept_weights(m) * out.shape[0] // batch
+
+    def linear_hook(m, inp, out):
+        nonlocal macs
+        positions = inp[0].numel() // m.in_features
+        macs += positions * m.in_features * m.out_features // batch
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    was_training = model.training
+    model.eval()
+    try:
+        model(*example_inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return Cost(macs=macs, params=count_params(model))

@@ -1,0 +1,334 @@
+"""DEPruner: DEPrune inside torch-pruning's ``BasePruner`` (torch-pruning glue).
+
+One ``step()`` does, at the step's scheduled ratios:
+
+1. PW part: l2 filter pruning of the PW-conv2 groups (see :mod:`.structure`) through torch-pruning's
+   dependency graph, so residual streams, next blocks' PW-conv1 inputs, BN, SE and classifier inputs shrink
+   together; with variant "BH" each group's remaining width is tile-aligned up or down (HSR on PW).
+2. DW part: DCP (variant "plain"), + BWT ("B"), + HSR ("BH") on every depth-wise conv, applied as tap
+   masks that stay part of the model (:mod:`.masks`).
+
+With ``step(interactive=True)`` groups are yielded as in torch-pruning; tap pruning happens when the
+generator is exhausted, so BWT's ranges are balanced over the channels that remain.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .adapters import run_fixups
+from .importance import DEPruneImportance
+from .macs import Cost, count_cost
+from .masks import attach_tap_mask, is_depthwise, slice_tap_mask, tap_mask
+from .method import bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range
+from .method.hsr import HSRDecision
+from .structure import analyse, find_depthwise, probe_structure
+from .summary import LayerRow, Summary
+
+VARIANTS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "B": (True, False), "BH": (True, True)}
+"""variant name -> (BWT on, HSR on). "plain" = DEPrune, "B" = DEPrune-B, "BH" = DEPrune-BH."""
+
+
+def _check_ratio(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_ratio_dict(d: Mapping | None, name: str, model_modules: set[int]) -> None:
+    if d is None:
+        return
+    if not isinstance(d, Mapping):
+        raise TypeError(f"{name} must be a dict {{module: ratio}}, got {type(d).__name__}")
+    for key, ratio in d.items():
+        keys = key if isinstance(key, tuple) else (key,)
+        for k in keys:
+            if not isinstance(k, nn.Module):
+                raise TypeError(f"{name} keys must be modules (or tuples of modules), got {type(k).__name__}")
+            if id(k) not in model_modules:
+                raise ValueError(f"{name} names a module that is not part of the model: {k.__class__.__name__}")
+        _check_ratio(ratio, f"{name}[{keys[0].__class__.__name__}]")
+
+
+def _as_inputs(example_inputs: Any) -> tuple:
+    # A bare batch-1 tensor would be star-unpacked by torch-pruning's tracer: always pass a tuple.
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)) and example_inputs:
+        return tuple(example_inputs)
+    raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors, "
+                    f"got {type(example_inputs).__name__}")
+
+
+class DEPruner(tp.pruner.BasePruner):
+    """DEPrune / DEPrune-B / DEPrune-BH pruner for depth-wise-separable CNNs.
+
+    Args:
+        model: the model, pruned in place (a timm or torchvision DSConv CNN, or any model with DW convs).
+        example_inputs: a tensor or tuple of tensors the model accepts, e.g. ``torch.randn(1, 3, 224, 224)``.
+        importance: a group importance (callable over a torch-pruning group); its ``tap_scores(weight)``
+            method, when present, scores DW taps (default ``|w|``). Default :class:`DEPruneImportance`.
+        dw_pruning_ratio: DCP target for every depth-wise conv, in ``[0, 1)``.
+        pw_pruning_ratio: fraction of PW-conv2 filters (stream channels) removed per group, in ``[0, 1)``.
+        variant: ``"plain"`` (DEPrune), ``"B"`` (+BWT) or ``"BH"`` (+BWT+HSR).
+        group_size: channels per balanced range (one DR sub-GEMM).
+        tile_size: HSR alignment of kept columns (DW) and remaining filters (PW).
+        iterative_steps: number of ``step()`` calls to reach the targets (torch-pruning's schedule).
+        global_pruning: ``True``: per-layer DW targets from one model-wide magnitude threshold (scores
+            normalised per layer, capped by ``max_pruning_ratio``) and global PW ranking.
+        ignored_layers: modules left alone (their submodules too), e.g. ``[model.get_classifier()]``.
+        dw_pruning_ratio_dict: ``{module: ratio}`` overrides; a module covers the DW convs inside it.
+        pruning_ratio_dict: torch-pruning's per-layer PW ratios.
+        prune_dw_channels: also prune expanded (hidden) channels as plain torch-pruning would; the paper
+            does not (PW-conv1 and DW channels kept, section 4.2). Tap masks are sliced to match.
+        hsr_alpha: ``"cost_model"`` (tile-step model, default), ``"measured"`` (time DR sub-GEMMs on the
+            GPU; falls back to the cost model with a warning without one) or ``f(layer_name, kept, tile)``.
+        **tp_kwargs: other ``BasePruner`` arguments (``round_to``, ``max_pruning_ratio``,
+            ``customized_pruners``, ``unwrapped_parameters``, ``forward_fn``, ...), same meaning.
+
+    Raises:
+        ValueError / TypeError naming the argument, before the model is touched.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        importance: Callable | None = None,
+        dw_pruning_ratio: float = 0.78,
+        pw_pruning_ratio: float = 0.5,
+        variant: str = "BH",
+        group_size: int = 32,
+        tile_size: int = 32,
+        iterative_steps: int = 1,
+        global_pruning: bool = False,
+        ignored_layers: Iterable[nn.Module] | None = None,
+        dw_pruning_ratio_dict: Mapping[nn.Module, float] | None = None,
+        pruning_ratio_dict: Mapping[nn.Module, float] | None = None,
+        prune_dw_channels: bool = False,
+        hsr_alpha: str | Callable[[str, int, int], float] = "cost_model",
+        **tp_kwargs: Any,
+    ) -> None:
+        # ---- validate everything before the model is touched ----
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        for bad in ("pruning_ratio", "ch_sparsity"):
+            if bad in tp_kwargs:
+                raise TypeError(f"{bad} is not a DEPruner argument: use pw_pruning_ratio (PW) / dw_pruning_ratio (DW)")
+        _check_ratio(dw_pruning_ratio, "dw_pruning_ratio")
+        _check_ratio(pw_pruning_ratio, "pw_pruning_ratio")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        _check_positive_int(group_size, "group_size")
+        _check_positive_int(tile_size, "tile_size")
+        _check_positive_int(iterative_steps, "iterative_steps")
+        max_ratio = tp_kwargs.get("max_pruning_ratio", 1.0)
+        if not isinstance(max_ratio, (int, float)) or not 0.0 < max_ratio <= 1.0:
+            raise ValueError(f"max_pruning_ratio must be in (0, 1], got {max_ratio!r}")
+        if tp_kwargs.get("round_to") is not None:
+            _check_positive_int(tp_kwargs["round_to"], "round_to")
+        if importance is None:
+            importance = DEPruneImportance()
+        if not callable(importance):
+            raise TypeError("importance must be callable over a torch-pruning group")
+        if not (callable(hsr_alpha) or hsr_alpha in ("cost_model", "measured")):
+            raise ValueError(f"hsr_alpha must be 'cost_model', 'measured' or a callable, got {hsr_alpha!r}")
+        module_ids = {id(m) for m in model.modules()}
+        _check_ratio_dict(dw_pruning_ratio_dict, "dw_pruning_ratio_dict", module_ids)
+        _check_ratio_dict(pruning_ratio_dict, "pruning_ratio_dict", module_ids)
+        ignored_layers = list(ignored_layers or [])
+        for m in ignored_layers:
+            if isinstance(m, nn.Module) and id(m) not in module_ids:
+                raise ValueError(f"ignored_layers holds a module that is not part of the model: {m.__class__.__name__}")
+        inputs = _as_inputs(example_inputs)
+        ignored_set = {s for m in ignored_layers if isinstance(m, nn.Module) for s in m.modules()}
+        if not find_depthwise(model, ignored_set):
+            raise ValueError("model has no depth-wise conv (groups == in_channels == out_channels, kernel > 1) "
+                             "outside ignored_layers: DEPrune has nothing to prune")
+        was_training = model.training
+        try:
+            model.eval()  # a probe forward must not touch BN statistics
+            with torch.no_grad():
+                self._probe_record = probe_structure(model, inputs)
+        except Exception as e:  # noqa: BLE001 - reported as the argument's fault, with the cause
+            raise ValueError(f"example_inputs do not fit the model: {type(e).__name__}: {e}") from e
+        finally:
+            model.train(was_training)
+
+        # ---- build torch-pruning's machinery ----
+        for d in ("in_channel_groups", "out_channel_groups", "num_heads", "channel_groups"):
+            tp_kwargs.setdefault(d, {})  # BasePruner mutates shared default dicts: pass fresh ones
+        self.dw_pruning_ratio = float(dw_pruning_ratio)
+        self.variant = variant
+        self.use_bwt, self.use_hsr = VARIANTS[variant]
+        self.group_size = group_size
+        self.tile_size = tile_size
+        self.prune_dw_channels = prune_dw_channels
+        self.hsr_alpha = hsr_alpha
+        self.example_inputs = inputs
+        try:
+            super().__init__(model, inputs, importance=importance, global_pruning=global_pruning,
+                             pruning_ratio=pw_pruning_ratio, pruning_ratio_dict=pruning_ratio_dict,
+                             iterative_steps=iterative_steps, ignored_layers=ignored_layers, **tp_kwargs)
+        finally:
+            model.train(was_training)  # tracing leaves the model in eval mode
+        self.pw_pruning_ratio = float(pw_pruning_ratio)
+
+        user_ignored = set(self.ignored_layers)
+        self._dw = find_depthwise(model, user_ignored)
+        self.structure = analyse(self.DG, model, self._dw, self._probe_record)
+        allowed = set(self.structure.pw_target_layers)
+        if prune_dw_channels:
+            allowed |= self.structure.hidden_layers
+        self.ignored_layers.extend(m for m in self.DG.module2node
+                                   if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTM)) and m not in allowed
+                                   and m not in user_ignored)
+
+        self.dw_schedule = self.iterative_pruning_ratio_scheduler(self.dw_pruning_ratio, self.iterative_steps)
+        self._dw_override: dict[nn.Module, list[float]] = {}
+        for key, ratio in (dw_pruning_ratio_dict or {}).items():
+            for k in key if isinstance(key, tuple) else (key,):
+                for m in k.modules():
+                    if is_depthwise(m):
+                        self._dw_override[m] = self.iterative_pruning_ratio_scheduler(ratio, self.iterative_steps)
+        self._dw_target: dict[nn.Module, float] = {m: 0.0 for _, m in self._dw}
+        self._dw_hsr: dict[nn.Module, HSRDecision] = {}
+        self._pw_hsr: list[HSRDecision] = []
+        self._pw_before = {b.dw: sum(self._out_channels(p) for p in b.pw2) for b in self.structure.blocks}
+        self.cost_before: Cost = count_cost(model, inputs)
+        self.last_step_seconds: float | None = None
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _out_channels(m: nn.Module) -> int:
+        return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+    def _tap_scores(self, w: torch.Tensor) -> torch.Tensor:
+        fn = getattr(self.importance, "tap_scores", None)
+        return fn(w) if fn is not None else w.detach().abs()
+
+    def _alpha_fn(self, names: list[str], sizes: list[tuple[int, int]], channels: list[int]):
+        if callable(self.hsr_alpha):
+            return lambda i, k, t: self.hsr_alpha(names[i], k, t)
+        if self.hsr_alpha == "measured":
+            if torch.cuda.is_available():
+                from .hsr_timing import measured_alpha
+                return lambda i, k, t: measured_alpha(k, t, self.group_size, channels[i], sizes[i])
+            warnings.warn("hsr_alpha='measured' needs a CUDA GPU; using the tile cost model", stacklevel=3)
+        return None
+
+    # ------------------------------------------------------------------ pruning
+    def step(self, interactive: bool = False):
+        """One pruning step (see torch-pruning). Returns the group generator when ``interactive``."""
+        if interactive:
+            return super().step(interactive=True)
+        t0 = time.perf_counter()
+        super().step(interactive=False)
+        self.last_step_seconds = time.perf_counter() - t0
+        return None
+
+    def _prune(self):
+        if self.current_step > self.iterative_steps:
+            warnings.warn("Pruning exceed the maximum iterative steps, no pruning will be performed.")
+            return
+        # Collect the PW plan first: HSR on PW ranks all groups before any is pruned. Groups are disjoint
+        # channel sets, so each is rebuilt lazily against the current shapes when its turn comes.
+        plan = [(g[0].dep.target.module, g[0].dep.handler, list(g[0].idxs)) for g in super()._prune()]
+        if self.use_hsr:
+            plan = self._hsr_pw(plan)
+        for module, handler, idxs in plan:
+            group = self.DG.get_pruning_group(module, handler, idxs)
+            if not self.DG.check_pruning_group(group):
+                continue
+            yield group
+            for dep, removed in group:  # the caller pruned the group (or not): keep masks in step
+                if tap_mask(dep.target.module) is not None:
+                    slice_tap_mask(dep.target.module, removed)
+            run_fixups(self.model)
+        self._prune_taps()
+
+    def _hsr_pw(self, plan: list) -> list:
+        kept, limits = [], []
+        for module, handler, idxs in plan:
+            c = self.DG.get_out_channels(module) if self.DG.is_out_channel_pruning_fn(handler) \
+                else self.DG.get_in_channels(module)
+            limits.append(c)
+            kept.append(c - len(idxs) if c > self.tile_size else None)  # narrow streams stay as they are
+        decisions = hsr_plan(kept, self.tile_size, limits)
+        self._pw_hsr = [d for d in decisions if d.kept is not None]
+        out = []
+        for (module, handler, idxs), d, c in zip(plan, decisions, limits):
+            if d.mark != "-" and d.new_kept != d.kept:
+                full = self.DG.get_pruning_group(module, handler, list(range(c)))
+                imp = self.estimate_importance(full)
+                if imp is not None and len(imp) == c:
+                    idxs = torch.argsort(imp.cpu(), stable=True)[: c - d.new_kept].tolist()
+            out.append((module, handler, idxs))
+        return out
+
+    def _dw_ratio(self, conv: nn.Module) -> float:
+        return self._dw_override.get(conv, self.dw_schedule)[self.current_step]
+
+    @torch.no_grad()
+    def _prune_taps(self) -> None:
+        convs = [(n, m) for n, m in self._dw if m.weight.shape[0] > 0]
+        scores = {m: self._tap_scores(m.weight) for _, m in convs}
+        targets = {m: self._dw_ratio(m) for _, m in convs}
+        if self.global_pruning:
+            free = [m for _, m in convs if m not in self._dw_override]
+            ratios = global_layer_ratios([scores[m] for m in free], self.dw_schedule[self.current_step],
+                                         self.max_pruning_ratio)
+            targets.update(zip(free, ratios))
+        prev = {m: (tap_mask(m) if tap_mask(m) is not None else torch.ones_like(m.weight, dtype=torch.bool))
+                for _, m in convs}
+        keep = {}
+        for _, m in convs:
+            if self.use_bwt:
+                keep[m] = bwt_keep_mask(scores[m], targets[m], self.group_size, prev[m])
+            else:
+                keep[m] = dcp_keep_mask(scores[m], targets[m], prev[m])
+        if self.use_hsr:
+            kept = [kept_per_range(keep[m], self.group_size)[0] if m.weight.shape[0] >= self.group_size else None
+                    for _, m in convs]
+            limits = [self.group_size * m.weight[0].numel() for _, m in convs]
+            alpha = self._alpha_fn([n for n, _ in convs], [self._probe_record.out_hw.get(m, (1, 1)) for _, m in convs],
+                                   [m.weight.shape[0] for _, m in convs])
+            for (_, m), d in zip(convs, hsr_plan(kept, self.tile_size, limits, alpha)):
+                self._dw_hsr[m] = d
+                if d.mark != "-":
+                    keep[m] = hsr_apply(scores[m], keep[m], prev[m], d.new_kept, self.group_size)
+        for _, m in convs:
+            attach_tap_mask(m, keep[m])
+            self._dw_target[m] = targets[m]
+
+    # ------------------------------------------------------------------ report
+    def summary(self) -> Summary:
+        """Per-DSConv-layer report and model totals (see :class:`Summary`)."""
+        rows = []
+        for b in self.structure.blocks:
+            m = b.dw
+            mask = tap_mask(m)
+            keep = mask if mask is not None else torch.ones_like(m.weight, dtype=torch.bool)
+            kept = kept_per_range(keep, self.group_size)
+            taps = m.weight[0].numel()
+            bounds = [min(self.group_size, m.weight.shape[0] - s) * taps for s in range(0, m.weight.shape[0], self.group_size)]
+            real = min(1 - k / n for k, n in zip(kept, bounds)) if kept else 0.0
+            d = self._dw_hsr.get(m)
+            rows.append(LayerRow(
+                name=b.dw_name, kernel=tuple(m.kernel_size), channels=m.weight.shape[0],
+                target_ratio=self._dw_target.get(m, 0.0), real_ratio=real, kept_per_range=kept,
+                hsr=d.mark if d is not None else "-",
+                pw_before=self._pw_before.get(m, 0), pw_after=sum(self._out_channels(p) for p in b.pw2),
+                pw_names=list(b.pw2_names)))
+        return Summary(rows=rows, before=self.cost_before, after=count_cost(self.model, self.example_inputs),
+                       pw_hsr=[d.mark for d in self._pw_hsr], variant=self.variant)

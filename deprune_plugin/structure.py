@@ -1,0 +1,185 @@
+"""Where DEPrune acts in a model, read off torch-pruning's dependency graph.
+
+A DSConv block is ``PW-conv1 -> DW-conv -> PW-conv2``. Its PW-conv2 layers are the point-wise layers
+(1x1 conv or Linear) that consume the DW output channels. DEPrune filter-prunes the output channels of
+PW-conv2 only (paper section 4.2), i.e. the dependency groups that hold a PW-conv2's outputs, provided
+
+- the group contains no DW conv (pruning it would remove DW channels: ConvNeXt's residual stream),
+- it is not an SE bottleneck: an SE reduce conv sees the DW output globally pooled (1x1 where the DW
+  output is larger). When the DW output itself is 1x1 (tiny inputs) the tie is broken by the gate: the
+  group feeds back into the same DW's channels through a layer that runs after the DW conv,
+- something downstream consumes it (a classifier output is never a target),
+- it does not pass through both a concat and a split (timm MixNet's grouped PW convs): torch-pruning
+  1.6.1 maps indices inconsistently there (observed on ``mixnet_s``: a 24-channel stream pruned 6+6 at the
+  producer's concat but 11+1 at the consumer's split), so such streams are left unpruned.
+
+On MobileNetV2/V3 and EfficientNet these are the residual streams; on ConvNeXt the MLP hidden widths.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch_pruning import ops
+
+from .masks import is_depthwise
+
+
+@dataclass
+class DSConvBlock:
+    """One depth-wise conv and the point-wise layers around it."""
+
+    dw_name: str
+    dw: nn.Conv2d
+    pw2: list[nn.Module] = field(default_factory=list)       # projection layers of this block
+    pw2_names: list[str] = field(default_factory=list)
+
+
+def find_depthwise(model: nn.Module, ignored: set[nn.Module] = frozenset()) -> list[tuple[str, nn.Conv2d]]:
+    """``(name, conv)`` of every depth-wise conv (kernel > 1) not in ``ignored``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if is_depthwise(m) and m not in ignored]
+
+
+def is_pointwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
+                                        and not is_depthwise(m))
+
+
+def _members(DG, group, out: bool) -> list[nn.Module]:
+    test = DG.is_out_channel_pruning_fn if out else DG.is_in_channel_pruning_fn
+    return [dep.target.module for dep, _ in group if test(dep.handler)]
+
+
+def channel_group(DG, module: nn.Module):
+    """The full dependency group of ``module``'s output channels."""
+    pruner = DG.get_pruner_of_module(module)
+    return DG.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class DEPruneStructure:
+    """Result of :func:`analyse`: the blocks and the PW-conv2 groups to filter-prune."""
+
+    blocks: list[DSConvBlock]
+    pw_target_layers: set[nn.Module]          # conv/linear whose OUTPUT channels DEPrune may remove
+    pw_group_roots: list[nn.Module]           # one representative PW-conv2 per target group
+    hidden_layers: set[nn.Module]             # out-channel members of the DW groups (prune_dw_channels)
+
+
+@dataclass
+class ProbeRecord:
+    """What one forward pass shows: first-call order and input/output spatial sizes of each module."""
+
+    order: dict[nn.Module, int] = field(default_factory=dict)
+    in_hw: dict[nn.Module, tuple[int, int]] = field(default_factory=dict)
+    out_hw: dict[nn.Module, tuple[int, int]] = field(default_factory=dict)
+
+
+def _spatial(m: nn.Module, t) -> tuple[int, int]:
+    if not hasattr(t, "shape") or t.dim() < 3:
+        return (1, 1)
+    # Linear layers of ConvNeXt-style blocks run on NHWC tensors.
+    return tuple(t.shape[1:3]) if isinstance(m, nn.Linear) else tuple(t.shape[-2:])
+
+
+def probe(model: nn.Module, inputs: tuple) -> ProbeRecord:
+    """Run ``model(*inputs)`` once (caller sets eval / no_grad) and record a :class:`ProbeRecord`."""
+    rec = ProbeRecord()
+
+    def hook(mod, args, out):
+        rec.order.setdefault(mod, len(rec.order))
+        if args:
+            rec.in_hw.setdefault(mod, _spatial(mod, args[0]))
+        rec.out_hw.setdefault(mod, _spatial(mod, out))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec
+
+
+def probe_structure(model: nn.Module, inputs: tuple) -> ProbeRecord:
+    """:func:`probe`; if some DW output is 1x1 (tiny inputs, where an SE input looks like any other),
+    probe again on the image input upscaled 4x, which every DSConv CNN accepts, to record the spatial
+    sizes; keeps the first record if that fails."""
+    rec = probe(model, inputs)
+    dw_hw = [hw for m, hw in rec.out_hw.items() if is_depthwise(m)]
+    x = inputs[0]
+    if any(h * w == 1 for h, w in dw_hw) and hasattr(x, "dim") and x.dim() == 4 and x.is_floating_point():
+        big = torch.nn.functional.interpolate(x[:1], scale_factor=4, mode="nearest")
+        try:
+            return probe(model, (big,) + tuple(inputs[1:]))
+        except Exception:  # noqa: BLE001 - the first record stays usable
+            return rec
+    return rec
+
+
+def _is_se(c: nn.Module, dw: nn.Module, g_out: set, og_in: list, rec: ProbeRecord) -> bool:
+    dw_hw = rec.out_hw.get(dw, (1, 1))
+    c_hw = rec.in_hw.get(c, (1, 1))
+    if dw_hw[0] * dw_hw[1] > 1:
+        return c_hw[0] * c_hw[1] < dw_hw[0] * dw_hw[1]
+    return any(m in g_out and rec.order.get(m, -1) > rec.order.get(dw, -1) for m in og_in)
+
+
+def analyse(DG, model: nn.Module, dw_convs: list[tuple[str, nn.Conv2d]], rec: ProbeRecord) -> DEPruneStructure:
+    """Find the PW-conv2 of every DW conv and the groups DEPrune filter-prunes.
+
+    Args:
+        DG: torch-pruning dependency graph of ``model``.
+        dw_convs: ``(name, conv)`` of the DW convs to consider.
+        rec: a :func:`probe` of the model.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    blocks: list[DSConvBlock] = []
+    targets: dict[frozenset, nn.Module] = {}
+    target_layers: set[nn.Module] = set()
+    hidden: set[nn.Module] = set()
+    out_group_cache: dict[nn.Module, object] = {}
+    for dw_name, dw in dw_convs:
+        if dw not in DG.module2node:
+            continue
+        g = channel_group(DG, dw)
+        g_out = set(_members(DG, g, out=True))
+        hidden |= g_out
+        consumers = [m for m in _members(DG, g, out=False)
+                     if is_pointwise(m) and m not in g_out and m in DG.module2node]
+        projections = []
+        for c in consumers:
+            if c not in out_group_cache:
+                out_group_cache[c] = channel_group(DG, c)
+            og = out_group_cache[c]
+            og_out = _members(DG, og, out=True)
+            og_in = _members(DG, og, out=False)
+            if _is_se(c, dw, g_out, og_in, rec):
+                continue
+            projections.append(c)
+            if any(is_depthwise(m) for m in og_out + og_in):
+                continue  # removing these channels would remove DW channels
+            if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in og_in):
+                continue  # nothing consumes it: a model output
+            node_types = {dep.target.type for dep, _ in og}
+            if ops.OPTYPE.CONCAT in node_types and ops.OPTYPE.SPLIT in node_types:
+                continue  # torch-pruning's concat->split index mapping is unreliable
+            key = frozenset(id(m) for m in og_out)
+            if key not in targets:
+                targets[key] = c
+                target_layers.update(m for m in og_out if isinstance(m, (nn.Conv2d, nn.Linear)))
+        if projections:  # keep the projection(s) of this very block, by name proximity
+            best = max(_common_prefix(dw_name, names[p]) for p in projections)
+            projections = [p for p in projections if _common_prefix(dw_name, names[p]) == best]
+        blocks.append(DSConvBlock(dw_name, dw, projections, [names[p] for p in projections]))
+    return DEPruneStructure(blocks, target_layers, list(targets.values()), hidden)
