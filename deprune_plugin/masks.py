@@ -53,7 +53,7 @@ def _mask_grad(module_ref: "weakref.ref[nn.Module]", grad: torch.Tensor) -> torc
     mask = None if module is None else tap_mask(module)
     if mask is None or mask.shape != grad.shape:
         return grad
-    return grad * mask
+    return grad.masked_fill(~mask, 0)  # not grad * mask: NaN * 0 would leak NaN into pruned taps
 
 
 def sync_tap_mask(conv: nn.Module) -> None:
@@ -73,7 +73,7 @@ def apply_tap_mask_(conv: nn.Module) -> None:
     sync_tap_mask(conv)
     mask = tap_mask(conv)
     if mask is not None:
-        conv.weight.mul_(mask)
+        conv.weight.masked_fill_(~mask, 0)
 
 
 def _pre_forward(module: nn.Module, args: tuple) -> None:

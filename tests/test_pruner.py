@@ -1,0 +1,240 @@
+"""DEPruner inside torch-pruning: API, PW-conv2 rule, variants, bad input, summary."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+import deprune_plugin
+from deprune_plugin import DEPruneImportance, DEPruner
+from deprune_plugin.masks import is_depthwise, tap_mask
+from deprune_plugin.method import kept_per_range
+
+X = torch.randn(2, 3, 64, 64)
+
+
+def mbv2(**kw):
+    return timm.create_model("mobilenetv2_100", pretrained=False, **kw)
+
+
+def test_registered_in_torch_pruning():
+    assert tp.pruner.DEPruner is DEPruner and issubclass(DEPruner, tp.pruner.BasePruner)
+    assert tp.importance.DEPruneImportance is DEPruneImportance
+    assert isinstance(DEPruneImportance(), tp.importance.Importance)
+
+
+def test_mobilenetv2_pw_conv2_only_rule():
+    m = mbv2()
+    before = {n: (mod.in_channels, mod.out_channels) for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)}
+    p = DEPruner(m, X, dw_pruning_ratio=0.78, pw_pruning_ratio=0.5, variant="B", ignored_layers=[m.get_classifier()])
+    p.step()
+    after = {n: (mod.in_channels, mod.out_channels) for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)}
+    for n in before:
+        if n.endswith("conv_dw"):
+            assert after[n] == before[n]  # no DW channel removed
+        if n.endswith("conv_pw") and n != "blocks.0.0.conv_pw":  # blocks.0.0 is DW -> PW (its conv_pw projects)
+            assert after[n][1] == before[n][1]  # PW-conv1 outputs (hidden width) kept
+    # stream widths halve: blocks.1 stream 24 -> 12, stem 32 untouched (coupled to the first DW conv)
+    assert after["blocks.1.0.conv_pwl"][1] == 12 and after["blocks.1.1.conv_pw"][0] == 12
+    assert after["conv_stem"][1] == 32
+    assert after["conv_head"][1] == before["conv_head"][1]  # head conv not pruned by default
+    assert m.get_classifier().in_features == 1280
+    assert m(X).shape == (2, 1000)
+    # every DW layer: BWT at 78% -> K' = 64 per full range
+    for name, mod in m.named_modules():
+        if is_depthwise(mod):
+            assert set(kept_per_range(tap_mask(mod), 32)[: mod.out_channels // 32]) == {64}
+
+
+def test_efficientnet_se_bottleneck_and_hidden_widths_untouched():
+    m = timm.create_model("efficientnet_b0", pretrained=False)
+    se_before = m.blocks[2][0].se.conv_reduce.out_channels
+    p = DEPruner(m, X, pw_pruning_ratio=0.5, ignored_layers=[m.get_classifier()])
+    p.step()
+    assert m.blocks[2][0].se.conv_reduce.out_channels == se_before
+    assert m.blocks[2][0].conv_pw.out_channels == 144 and m.blocks[2][0].conv_dw.out_channels == 144
+    assert m.blocks[2][0].conv_pwl.out_channels < 40
+    assert m(X).shape == (2, 1000)
+
+
+def test_convnext_targets_mlp_hidden_width_not_the_stream():
+    m = timm.create_model("convnext_atto", pretrained=False)
+    blk = m.stages[0].blocks[0]
+    stream = blk.conv_dw.out_channels
+    DEPruner(m, X, pw_pruning_ratio=0.5, variant="B", ignored_layers=[m.get_classifier()]).step()
+    width = lambda layer: getattr(layer, "out_features", getattr(layer, "out_channels", None))  # noqa: E731
+    assert blk.conv_dw.out_channels == stream and width(blk.mlp.fc2) == stream
+    assert width(blk.mlp.fc1) == 4 * stream // 2
+    assert m(X).shape == (2, 1000)
+    m = timm.create_model("convnext_atto", pretrained=False)  # BH: remaining hidden width tile-aligned
+    DEPruner(m, X, pw_pruning_ratio=0.5, variant="BH", ignored_layers=[m.get_classifier()]).step()
+    assert all(width(b.mlp.fc1) % 32 == 0 for s in m.stages for b in s.blocks)
+
+
+def test_variant_bh_aligns_every_layer_and_reports_pattern():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.70, pw_pruning_ratio=0.0, variant="BH", ignored_layers=[m.get_classifier()])
+    p.step()
+    s = p.summary()
+    # 70%: K' = 87 everywhere, 17 unaligned layers -> 9u8o (the paper's MobileNetV2 pattern)
+    assert s.dw_hsr_pattern == "9u8o"
+    for r in s:
+        full = r.kept_per_range[: r.channels // 32]
+        assert set(full) == ({64} if r.hsr == "o" else {96})
+
+
+def test_global_pruning_gives_per_layer_targets_with_the_model_wide_ratio():
+    m = mbv2()
+    with torch.no_grad():  # give layers different scales so the global threshold differs per layer
+        for i, mod in enumerate(mod for mod in m.modules() if is_depthwise(mod)):
+            mod.weight.mul_(1 + (i % 3))
+            mod.weight[: mod.out_channels // 2].mul_(0.2)
+    p = DEPruner(m, X, dw_pruning_ratio=0.78, pw_pruning_ratio=0.0, variant="B", global_pruning=True,
+                 ignored_layers=[m.get_classifier()])
+    p.step()
+    s = p.summary()
+    targets = [r.target_ratio for r in s]
+    assert len(set(round(t, 4) for t in targets)) > 3
+    taps = sum(r.channels * 9 for r in s)
+    assert sum(t * r.channels * 9 for t, r in zip(targets, s)) / taps == pytest.approx(0.78, abs=2e-3)
+
+
+def test_iterative_steps_follow_the_linear_schedule_and_masks_grow():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.6, pw_pruning_ratio=0.5, variant="B", iterative_steps=3,
+                 ignored_layers=[m.get_classifier()])
+    dw = m.blocks[3][0].conv_dw
+    masks = []
+    for _ in range(3):
+        p.step()
+        masks.append(tap_mask(dw).clone())
+    assert [kept_per_range(k, 32)[0] for k in masks] == [288 - 57, 288 - 115, 288 - 172]  # floor(0.2/0.4/0.6*288)
+    assert not (masks[1] & ~masks[0]).any() and not (masks[2] & ~masks[1]).any()
+    assert m.blocks[1][0].conv_pwl.out_channels == 24 - 12
+
+
+def test_interactive_step_yields_groups_and_prunes_taps_at_the_end():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.5, pw_pruning_ratio=0.5, ignored_layers=[m.get_classifier()])
+    n = 0
+    for group in p.step(interactive=True):
+        assert any(isinstance(dep.target.module, nn.Conv2d) for dep, _ in group)
+        group.prune()
+        n += 1
+    assert n == 7  # the seven residual streams of MobileNetV2
+    assert tap_mask(m.blocks[1][0].conv_dw) is not None
+    assert len(p.pruning_history()) == n
+
+
+def test_prune_dw_channels_option_slices_masks():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.5, pw_pruning_ratio=0.25, prune_dw_channels=True, iterative_steps=2,
+                 variant="B", ignored_layers=[m.get_classifier()])
+    p.step()
+    p.step()
+    dw = m.blocks[2][0].conv_dw
+    assert dw.out_channels < 144 and tap_mask(dw).shape == dw.weight.shape
+    assert (dw.weight[~tap_mask(dw)] == 0).all()
+    assert m(X).shape == (2, 1000)
+
+
+def test_importance_counts_depthwise_convs():
+    m = mbv2()
+    DG = tp.DependencyGraph().build_dependency(m, example_inputs=(X,))
+    dw = m.blocks[2][0].conv_dw
+    g = DG.get_pruning_group(dw, tp.prune_depthwise_conv_out_channels, list(range(dw.out_channels)))
+    imp = DEPruneImportance()
+    base = imp(g).clone()
+    with torch.no_grad():
+        dw.weight[5].mul_(1000)
+    assert imp(g)[5] > base[5] * 1.5  # torch-pruning's GroupMagnitudeImportance would not move
+    gm = tp.importance.GroupMagnitudeImportance(p=2)
+    before = gm(g)[5]
+    with torch.no_grad():
+        dw.weight[5].mul_(1000)
+    assert gm(g)[5] == pytest.approx(before)
+
+
+def test_pw_importance_is_l2_filter_norm_of_the_projections():
+    conv = nn.Conv2d(4, 3, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([3.0, 4.0, 0.0, 0.0]).repeat(3, 1).reshape(3, 4, 1, 1) *
+                          torch.tensor([1.0, 2.0, 0.5]).reshape(3, 1, 1, 1))
+    model = nn.Sequential(conv, nn.Conv2d(3, 2, 1))
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=(torch.randn(1, 4, 2, 2),))
+    g = DG.get_pruning_group(conv, tp.prune_conv_out_channels, [0, 1, 2])
+    norms = torch.tensor([5.0, 10.0, 2.5])
+    torch.testing.assert_close(DEPruneImportance()(g), norms / norms.mean())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"dw_pruning_ratio": 1.0}, "dw_pruning_ratio"),
+    ({"dw_pruning_ratio": -0.1}, "dw_pruning_ratio"),
+    ({"pw_pruning_ratio": 1.5}, "pw_pruning_ratio"),
+    ({"tile_size": 0}, "tile_size"),
+    ({"group_size": -32}, "group_size"),
+    ({"variant": "X"}, "variant"),
+    ({"dw_pruning_ratio_dict": {nn.Conv2d(3, 3, 3): 0.5}}, "dw_pruning_ratio_dict"),
+    ({"pruning_ratio_dict": {nn.Linear(2, 2): 0.5}}, "pruning_ratio_dict"),
+    ({"hsr_alpha": "guess"}, "hsr_alpha"),
+])
+def test_bad_arguments_raise_before_the_model_is_touched(kwargs, match):
+    m = mbv2()
+    ref = copy.deepcopy(m.state_dict())
+    with pytest.raises((ValueError, TypeError), match=match):
+        DEPruner(m, X, **kwargs)
+    assert all(torch.equal(ref[k], v) for k, v in m.state_dict().items()) and m.training
+
+
+def test_example_inputs_that_do_not_fit():
+    m = mbv2()
+    with pytest.raises(ValueError, match="example_inputs"):
+        DEPruner(m, torch.randn(2, 5, 64, 64))
+    with pytest.raises(TypeError, match="example_inputs"):
+        DEPruner(m, "image")
+    assert m.training and m.conv_stem.in_channels == 3
+
+
+def test_model_without_depthwise_conv_is_a_clear_error():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    with pytest.raises(ValueError, match="no depth-wise conv"):
+        DEPruner(m, torch.randn(2, 3, 8, 8))
+
+
+def test_dw_ratio_dict_overrides_per_block():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.5, pw_pruning_ratio=0.0, variant="B",
+                 dw_pruning_ratio_dict={m.blocks[4]: 0.25}, ignored_layers=[m.get_classifier()])
+    p.step()
+    assert kept_per_range(tap_mask(m.blocks[4][1].conv_dw), 32)[0] == 288 - 72
+    assert kept_per_range(tap_mask(m.blocks[3][1].conv_dw), 32)[0] == 288 - 144
+
+
+def test_summary_rows_and_sparse_macs():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.78, pw_pruning_ratio=0.5, variant="B", ignored_layers=[m.get_classifier()])
+    p.step()
+    s = p.summary()
+    assert len(s) == 17
+    r = s[1]
+    assert (r.name, r.kernel, r.channels, r.kept_per_range) == ("blocks.1.0.conv_dw", (3, 3), 96, [64, 64, 64])
+    assert (r.pw_before, r.pw_after) == (24, 12) and r.real_ratio == pytest.approx(224 / 288)
+    # MACs of one DW layer count kept taps only: blocks.1.0 at 64x64 input -> 16x16 output, 192 kept taps
+    from deprune_plugin.macs import count_cost
+    dense = count_cost(mbv2(), (X,)).macs
+    assert s.before.macs == dense and s.after.macs < dense
+    pruned_taps = sum(r.channels * 9 - sum(r.kept_per_range) for r in s)
+    assert s.before.params - s.after.params > pruned_taps
+    text = str(s)
+    assert "blocks.1.0.conv_dw" in text and "77.78%" in text and "24 -> 12" in text
+
+
+def test_step_benchmark_attribute_is_recorded():
+    m = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    p = DEPruner(m, X, ignored_layers=[m.get_classifier()])
+    p.step()
+    assert p.last_step_seconds is not None and p.last_step_seconds > 0
