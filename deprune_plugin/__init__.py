@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import torch_pruning as tp
 
+from .accel import AccelerateConfig, accelerate
 from .importance import DEPruneImportance
 from .masks import remove_tap_masks, tap_mask
 from .pruner import VARIANTS, DEPruner
+from .serialization import load, save
 from .summary import LayerRow, Summary
 
 __version__ = "0.1.0"
@@ -20,4 +22,4 @@ __version__ = "0.1.0"
 tp.pruner.DEPruner = DEPruner
 tp.importance.DEPruneImportance = DEPruneImportance
 
-__all__ = ["DEPruner", "DEPruneImportance", "VARIANTS", "Summary", "LayerRow", "tap_mask", "remove_tap_masks"]
+__all__ = ["DEPruner", "DEPruneImportance", "accelerate", "AccelerateConfig", "save", "load", "VARIANTS", "Summary", "LayerRow", "tap_mask", "remove_tap_masks"]
