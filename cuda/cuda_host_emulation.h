@@ -17,6 +17,7 @@
 #include <math.h>  // expf, erff, fminf, fmaxf in the global namespace, as device code sees them
 
 #include <barrier>
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -38,6 +39,10 @@
 #define __shared__ static
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+
+// ---- math: expf/erff/fminf/fmaxf come from <math.h>; CUDA's integer min/max overloads: -----------
+using std::max;
+using std::min;
 
 // ---- launch geometry --------------------------------------------------------------------------
 struct dim3 {

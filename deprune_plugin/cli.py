@@ -1,0 +1,495 @@
+"""The ``deprune`` command (also ``python -m deprune_plugin``).
+
+Subcommands:
+
+- ``deprune prune``: build (and briefly train) a model, prune it with DEPrune, fine-tune, measure
+  accuracy and latency before/after, save a file that ``deprune_plugin.serialization.load`` rebuilds in
+  one call, print the per-layer table and write a PNG report.
+- ``deprune inspect PATH``: the tap-mask report and stored metrics of a saved model.
+- ``deprune bench ...``: speed benchmark (:mod:`deprune_plugin.bench`).
+
+Bad input is reported as one line ``deprune: error: ...`` on stderr with exit status 2, and is detected
+before any training starts, so a failed call writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, NoReturn, Sequence
+
+PROG = "deprune"
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """A problem with the user's input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors raise :class:`BadInput` (one line, no usage block) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise BadInput(message)
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {text}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
+    from .pruner import VARIANTS
+    from .zoo import SOURCES
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="mobilenetv2_100", help="model name (default: %(default)s)")
+    g.add_argument("--source", default="timm", choices=SOURCES, help="model zoo (default: %(default)s)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="state dict to start from (a classifier of another class count is re-initialised); "
+                        "without one the model is trained from scratch on the built-in data first")
+    g = p.add_argument_group("pruning")
+    g.add_argument("--dw", type=_ratio, default=0.78, help="DW tap pruning ratio (default: %(default)s)")
+    g.add_argument("--pw", type=_ratio, default=0.5, help="PW-conv2 filter pruning ratio (default: %(default)s)")
+    g.add_argument("--variant", default="BH", choices=sorted(VARIANTS),
+                   help="plain = DEPrune, B = +BWT, BH = +BWT+HSR (default: %(default)s)")
+    g.add_argument("--steps", type=_int_at_least(1), default=1,
+                   help="iterative pruning steps, with one short fine-tune epoch between (default: 1)")
+    g = p.add_argument_group("training")
+    g.add_argument("--data", default="digits",
+                   help="'digits' (built in) or a CIFAR-10 / ImageFolder directory (default: %(default)s)")
+    g.add_argument("--image-size", type=_int_at_least(8), default=32, help="input side (default: %(default)s)")
+    g.add_argument("--limit", type=_int_at_least(1), default=None, help="use at most N images per split")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=64, help="(default: %(default)s)")
+    g.add_argument("--pretrain-epochs", type=_int_at_least(0), default=None,
+                   help="epochs before pruning (default: 3 without --checkpoint on the built-in data, else 0)")
+    g.add_argument("--finetune-epochs", type=_int_at_least(0), default=3,
+                   help="epochs after pruning (default: %(default)s)")
+    g.add_argument("--lr", type=_positive_float, default=0.05, help="pre-training lr (default: %(default)s)")
+    g.add_argument("--finetune-lr", type=_positive_float, default=0.05, help="fine-tuning lr (default: %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="pruned.pt", help="output model file (default: %(default)s)")
+    g.add_argument("--figure", default=None, metavar="PATH.png", help="report figure (default: next to --out)")
+    g.add_argument("--no-figure", action="store_true", help="do not write the figure")
+    g.add_argument("--latency-batch", type=_int_at_least(1), default=32, help="(default: %(default)s)")
+    g.add_argument("--latency-reps", type=_int_at_least(1), default=20, help="(default: %(default)s)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or progress messages")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    help_text = "speed benchmark: unpruned vs pruned vs accelerate(pruned)"
+    try:
+        from . import bench
+        p = sub.add_parser("bench", help=help_text, description=bench.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        bench.add_arguments(p)
+        p.set_defaults(func=lambda args: _run_bench(bench, args))
+    except Exception as e:  # noqa: BLE001 - a broken/missing bench module must not break `prune`
+        reason = f"{type(e).__name__}: {e}"
+        p = sub.add_parser("bench", help=help_text)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args: _fail(f"bench is not available ({reason})"))
+
+
+def _run_bench(bench: Any, args: argparse.Namespace) -> int:
+    try:
+        return bench.main(args)
+    except ValueError as e:  # bench reports bad arguments (unknown model, no GPU) as ValueError
+        _fail(str(e))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deprune`` argument parser (errors raise :class:`BadInput`)."""
+    parser = _Parser(prog=PROG, description="DEPrune for torch-pruning: prune, inspect and benchmark DSConv CNNs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,bench}")
+    p = sub.add_parser("prune", help="train, prune, fine-tune, measure and save a model",
+                       description=_PRUNE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_prune_arguments(p)
+    p.set_defaults(func=run_prune)
+    p = sub.add_parser("inspect", help="per-layer tap-mask report and metrics of a saved model")
+    p.add_argument("path", help="a file written by `deprune prune` (or deprune_plugin.serialization.save)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run_inspect)
+    _add_bench(sub)
+    return parser
+
+
+_PRUNE_DOC = """\
+Prune a DSConv CNN with DEPrune and fine-tune it.
+
+Example (a few minutes on a laptop CPU, built-in digits data, nothing downloaded):
+  deprune prune --model mobilenetv2_100 --dw 0.78 --pw 0.5 --out pruned.pt
+  python -c "import deprune_plugin.serialization as s; m = s.load('pruned.pt')"
+"""
+
+
+def _fail(message: str) -> NoReturn:
+    raise BadInput(message)
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def _check_writable(path: str, what: str) -> None:
+    """Fail unless ``path`` can be created: its directory exists and accepts a file (tested by creating and
+    removing a temporary one, since ``os.access`` says yes to root even on read-only mounts)."""
+    if os.path.isdir(path):
+        _fail(f"cannot write {what} {path!r}: it is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        _fail(f"cannot write {what} {path!r}: directory {folder!r} does not exist")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".deprune-write-test-"):
+            pass
+    except OSError as e:
+        _fail(f"cannot write {what} {path!r}: {e.strerror or e}")
+
+
+def _state_dict_from(obj: Any, path: str) -> dict:
+    if isinstance(obj, dict) and obj.get("format", "").startswith("deprune-"):
+        _fail(f"checkpoint {path!r} is an already pruned deprune_plugin model; load it with "
+              "deprune_plugin.serialization.load (or use `deprune inspect`)")
+    for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(hasattr(v, "shape") for v in obj.values()):
+        _fail(f"checkpoint {path!r} holds no state dict")
+    # DDP / DataParallel checkpoints prefix every key with "module."
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _load_checkpoint(model, path: str) -> str | None:
+    """Load a state dict into ``model``; a classifier for another class count is skipped (re-initialised).
+    Returns a note about skipped keys, or None."""
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
+        _fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    state = _state_dict_from(obj, path)
+    own = model.state_dict()
+    skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    from .zoo import classifier_of
+
+    head = classifier_of(model)
+    head_keys = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p in ("weight", "bias")}
+    if any(k not in head_keys for k in skipped):
+        bad = next(k for k in skipped if k not in head_keys)
+        _fail(f"checkpoint {path!r} does not fit model: {bad} has shape {tuple(state[bad].shape)}, "
+              f"the model needs {tuple(own[bad].shape)}")
+    for k in skipped:
+        del state[k]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in skipped]
+    if missing or unexpected:
+        _fail(f"checkpoint {path!r} does not fit model: {len(missing)} missing key(s) "
+              f"(e.g. {missing[:1]}), {len(unexpected)} unexpected key(s) (e.g. {unexpected[:1]})")
+    return f"classifier re-initialised ({', '.join(skipped)} did not fit)" if skipped else None
+
+
+@dataclass
+class _PruneSetup:
+    """Everything validated before the first epoch."""
+
+    device: Any
+    train_loader: Any
+    test_loader: Any
+    num_classes: int
+    model: Any
+    pruner: Any
+    pretrain_epochs: int
+    figure: str | None
+    note: str | None
+
+
+def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
+    import torch
+
+    from .data import DIGITS, make_loaders
+    from .pruner import DEPruner
+    from .training import reinit_classifier_, resolve_device
+    from .zoo import build_model, classifier_of
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        _fail(str(e))
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        _fail(f"checkpoint {args.checkpoint!r} does not exist")
+    _check_writable(args.out, "--out")
+    figure = None if args.no_figure else (args.figure or os.path.splitext(args.out)[0] + ".png")
+    if figure is not None:
+        _check_writable(figure, "--figure")
+    try:
+        train_loader, test_loader, num_classes = make_loaders(args.data, args.image_size, args.batch_size,
+                                                              args.limit, args.seed)
+    except ValueError as e:
+        _fail(str(e))
+    torch.manual_seed(args.seed)
+    try:
+        model = build_model(args.source, args.model, num_classes=num_classes)
+    except ValueError as e:
+        _fail(str(e))
+    except Exception as e:  # noqa: BLE001 - e.g. a torchvision model that rejects num_classes
+        _fail(f"cannot build {args.source} model {args.model!r}: {type(e).__name__}: {e}")
+    reinit_classifier_(model)
+    note = _load_checkpoint(model, args.checkpoint) if args.checkpoint else None
+    if args.pretrain_epochs is not None:
+        pretrain = args.pretrain_epochs
+    else:
+        pretrain = 3 if args.checkpoint is None and args.data == DIGITS else 0
+    example = torch.randn(1, 3, args.image_size, args.image_size)
+    try:
+        pruner = DEPruner(model, example, dw_pruning_ratio=args.dw, pw_pruning_ratio=args.pw,
+                          variant=args.variant, iterative_steps=args.steps, ignored_layers=[classifier_of(model)])
+    except (ValueError, TypeError) as e:
+        _fail(f"cannot prune {args.model!r}: {e}")
+    return _PruneSetup(device, train_loader, test_loader, num_classes, model, pruner, pretrain, figure, note)
+
+
+# ---------------------------------------------------------------------------------------------- prune
+def _get_accelerate() -> Callable | None:
+    """The lead's ``accelerate`` when installed, else None."""
+    try:
+        from . import accelerate  # type: ignore[attr-defined]
+        return accelerate
+    except ImportError:
+        try:
+            from .accel import accelerate
+            return accelerate
+        except ImportError:
+            return None
+
+
+def _measure_latency(dense, pruned, args: argparse.Namespace, device) -> tuple[dict[str, float], str | None]:
+    """Median ms per batch of the dense copy, the pruned model and (when available) accelerate(pruned)."""
+    import torch
+
+    from .latency import interleaved_medians
+
+    x = torch.randn(args.latency_batch, 3, args.image_size, args.image_size, device=device)
+    dense.to(device).eval()
+    pruned.to(device).eval()
+    fns = {"before": lambda: dense(x), "after": lambda: pruned(x)}
+    note = None
+    accelerate = _get_accelerate()
+    if accelerate is not None:
+        try:
+            fast = accelerate(pruned, backend="auto", example_inputs=x[:1])
+            fns["accelerated"] = lambda: fast(x)
+        except Exception as e:  # noqa: BLE001 - speed-up is optional; the pruned model is the product
+            note = f"accelerate() failed, not timed: {type(e).__name__}: {e}"
+    medians = interleaved_medians(fns, reps=args.latency_reps, warmup=3, cuda=device.type == "cuda",
+                                  quiet=args.quiet, desc="latency")
+    return {k: v * 1e3 for k, v in medians.items()}, note
+
+
+def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments as plain data (what ``torch.load(weights_only=True)`` reads back)."""
+    return {k: v for k, v in vars(args).items() if k != "func" and (v is None or isinstance(v, (str, int, float, bool)))}
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """``deprune prune``: see the module doc. Returns the exit status."""
+    import torch
+
+    from .plotting import plot_report
+    from .serialization import save
+    from .training import evaluate, train
+
+    torch.set_flush_denormal(True)  # tiny weights after weight decay otherwise slow CPU training down a lot
+    s = _setup_prune(args)
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    if s.note:
+        say(f"note: {s.note}")
+    model, pruner, dev, q = s.model, s.pruner, s.device, args.quiet
+    say(f"{args.source}/{args.model}: {s.num_classes} classes, {len(s.train_loader.dataset)} training / "
+        f"{len(s.test_loader.dataset)} test images of {args.image_size}x{args.image_size}, device {dev}")
+    if s.pretrain_epochs:
+        say(f"pre-training {s.pretrain_epochs} epoch(s)")
+        train(model, s.train_loader, s.pretrain_epochs, args.lr, dev, q, desc="pre-train")
+    top1_before = evaluate(model, s.test_loader, dev, q)
+    say(f"top-1 before pruning: {top1_before:.2f}%")
+    dense = copy.deepcopy(model).cpu()
+    t0 = time.perf_counter()
+    for step in range(args.steps):
+        model.cpu()  # the pruner's example input lives on the CPU; pruning is cheap there
+        pruner.step()
+        if step < args.steps - 1 and args.finetune_epochs:
+            train(model, s.train_loader, 1, args.finetune_lr, dev, q, desc=f"fine-tune step {step + 1}")
+    prune_seconds = time.perf_counter() - t0
+    model.cpu()
+    summary = pruner.summary()
+    if args.finetune_epochs:
+        say(f"fine-tuning {args.finetune_epochs} epoch(s)")
+        train(model, s.train_loader, args.finetune_epochs, args.finetune_lr, dev, q, desc="fine-tune")
+    top1_after = evaluate(model, s.test_loader, dev, q)
+    latency, acc_note = _measure_latency(dense, model, args, dev)
+    if acc_note:
+        print(f"warning: {acc_note}", file=sys.stderr)
+    model.cpu()
+    metrics = {
+        "top1": {"before": top1_before, "after": top1_after},
+        "latency_ms": latency, "latency_device": dev.type, "latency_batch": args.latency_batch,
+        "macs": {"before": summary.before.macs, "after": summary.after.macs},
+        "params": {"before": summary.before.params, "after": summary.after.params},
+        "dw_ratio": summary.dw_ratio, "dw_hsr": summary.dw_hsr_pattern, "pw_hsr": summary.pw_hsr_pattern,
+        "prune_seconds": prune_seconds,
+    }
+    extra = {"metrics": metrics, "args": _plain_args(args), "group_size": pruner.group_size,
+             "dw_targets": {r.name: r.target_ratio for r in summary.rows}, "summary": summary.table()}
+    arch = {"source": args.source, "name": args.model, "kwargs": {"num_classes": s.num_classes}}
+    save(model, args.out, history=pruner.pruning_history(), arch=arch,
+         input_shape=(1, 3, args.image_size, args.image_size), extra=extra)
+    if s.figure:
+        plot_report(summary, metrics, s.figure)
+    print(summary.table())
+    print(f"top-1: {top1_before:.2f}% -> {top1_after:.2f}%")
+    print("latency ({} batch {}, median): {}".format(dev.type, args.latency_batch, ", ".join(
+        f"{k} {v:.2f} ms" for k, v in latency.items())))
+    print(f"saved {args.out}" + (f", figure {s.figure}" if s.figure else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def _kept_str(kept: list[int]) -> str:
+    """Run-length form of per-range kept counts: ``[64, 64, 32]`` -> ``64x2,32``."""
+    parts: list[str] = []
+    for k in kept:
+        if parts and parts[-1][0] == k:
+            parts[-1][1] += 1
+        else:
+            parts.append([k, 1])
+    return ",".join(f"{k}x{n}" if n > 1 else str(k) for k, n in parts)
+
+
+def inspect_report(path: str) -> dict[str, Any]:
+    """The tap-mask report of a saved model, recomputed from its masks, plus what the file stores.
+
+    Raises:
+        BadInput: the file is missing or not a deprune_plugin model.
+    """
+    from .masks import masked_convs, tap_mask
+    from .method import kept_per_range, real_ratio
+    from .serialization import load, load_extra
+
+    if not os.path.isfile(path):
+        _fail(f"no such file: {path!r}")
+    try:
+        model = load(path)
+    except Exception as e:  # noqa: BLE001 - corrupt / foreign files are input problems
+        _fail(f"cannot load {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    try:
+        extra = load_extra(path)
+    except Exception:  # noqa: BLE001 - pickled-module files may need a full unpickle: no extras then
+        extra = {}
+    group = int(extra.get("group_size", 32))
+    targets = extra.get("dw_targets", {})
+    layers = []
+    for name, conv in masked_convs(model):
+        keep = tap_mask(conv)
+        layers.append({"name": name, "kernel": list(conv.kernel_size), "channels": int(keep.shape[0]),
+                       "target_ratio": targets.get(name), "real_ratio": real_ratio(keep, group),
+                       "pruned_fraction": 1.0 - float(keep.float().mean()),
+                       "kept_per_range": kept_per_range(keep, group),
+                       "zero_outside_mask": bool((conv.weight.detach()[~keep] == 0).all())})
+    return {"path": path, "params": sum(p.numel() for p in model.parameters()), "group_size": group,
+            "layers": layers, "metrics": extra.get("metrics", {}), "args": extra.get("args", {})}
+
+
+def _print_inspect(rep: dict[str, Any]) -> None:
+    head = f"{'layer':<34} {'k':>5} {'C':>5} {'target':>7} {'real':>7} {'pruned':>7}  {'K per range':<18} zero"
+    print(f"{rep['path']}: {len(rep['layers'])} masked DW conv(s), {rep['params'] / 1e6:.3f} M parameters "
+          f"(group size {rep['group_size']})")
+    print(head)
+    print("-" * len(head))
+    for r in rep["layers"]:
+        target = "-" if r["target_ratio"] is None else f"{r['target_ratio']:.2%}"
+        print(f"{r['name'][-34:]:<34} {r['kernel'][0]}x{r['kernel'][1]:<3} {r['channels']:>5} {target:>7} "
+              f"{r['real_ratio']:>7.2%} {r['pruned_fraction']:>7.2%}  {_kept_str(r['kept_per_range']):<18} "
+              f"{'yes' if r['zero_outside_mask'] else 'NO'}")
+    m = rep["metrics"]
+    if m:
+        print("-" * len(head))
+        if "top1" in m:
+            print("top-1: " + ", ".join(f"{k} {v:.2f}%" for k, v in m["top1"].items()))
+        if "latency_ms" in m:
+            print(f"latency ({m.get('latency_device', '?')} batch {m.get('latency_batch', '?')}): "
+                  + ", ".join(f"{k} {v:.2f} ms" for k, v in m["latency_ms"].items()))
+        if "macs" in m:
+            print(f"MACs {m['macs']['before'] / 1e6:.1f} M -> {m['macs']['after'] / 1e6:.1f} M, params "
+                  f"{m['params']['before'] / 1e6:.3f} M -> {m['params']['after'] / 1e6:.3f} M, "
+                  f"DW ratio {m.get('dw_ratio', 0):.2%} (HSR DW {m.get('dw_hsr', '-')}, PW {m.get('pw_hsr', '-')})")
+    a = rep["args"]
+    if a:
+        print("made with: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in a.items()
+                                       if k not in ("command",) and v not in (None, False)))
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """``deprune inspect PATH``. Returns the exit status."""
+    rep = inspect_report(args.path)
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        _print_inspect(rep)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``deprune``; returns the exit status (2 = bad input)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except BadInput as e:
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Launch the ``.cu`` kernels on a GPU through CuPy (NVRTC), on PyTorch's current stream.
+
+- One ``cupy.RawModule`` per specialisation and device, compiled on first use and kept in a dict keyed by
+  (source hash, defines, device index); no ``name_expressions`` / templates (CuPy's template caching is
+  unreliable), every variant is plain source with ``extern "C"`` entry points.
+- Tensors are passed as raw pointers (``t.data_ptr()``) and outputs are allocated by torch, so the caching
+  allocator and CUDA-graph capture see every buffer. CuPy allocates nothing per call.
+- The launch goes to ``torch.cuda.current_stream()`` read per call (it changes under ``torch.cuda.stream``
+  and graph capture) through a cached ``cupy.cuda.ExternalStream``.
+- CuPy is imported lazily: this module imports (and :func:`cupy_available` answers) without it.
+
+Capture rule: call every variant once before ``torch.cuda.graph`` capture (compiling/loading a module
+during capture is not allowed).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .sources import KernelArg, KernelSource
+
+__all__ = ["cupy_available", "launch", "nvrtc_include_dirs", "NVRTC_OPTIONS"]
+
+#: NVRTC options for every module (plus ``-I`` for the CUDA headers, see :func:`nvrtc_include_dirs`).
+NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
+_MAX_DEFAULT_SMEM = 48 * 1024  # above this a kernel must opt in to dynamic shared memory
+
+_KERNELS: dict[tuple[str, tuple[tuple[str, str], ...], int, str], Any] = {}
+_STREAMS: dict[tuple[int, int], Any] = {}
+_LOCK = threading.Lock()
+
+
+def _import_cupy():
+    import cupy  # noqa: PLC0415 - optional dependency, imported on first GPU use only
+
+    return cupy
+
+
+def cupy_available() -> tuple[bool, str]:
+    """``(True, "cupy <version>")`` if CuPy imports and sees a CUDA device, else ``(False, reason)``."""
+    try:
+        cupy = _import_cupy()
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        return False, f"cupy is not importable ({type(exc).__name__}: {exc}); install cupy-cuda12x or cupy-cuda13x"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        return False, f"cupy cannot query CUDA devices ({type(exc).__name__}: {exc})"
+    if count == 0:
+        return False, "cupy sees no CUDA device"
+    return True, f"cupy {cupy.__version__}"
+
+
+def nvrtc_include_dirs() -> list[str]:
+    """Directories holding ``cuda_fp16.h`` / ``cuda_bf16.h``, which NVRTC does not ship built in:
+    ``$CUDA_PATH``/``$CUDA_HOME``, ``/usr/local/cuda``, and the ``nvidia`` pip wheels' include dirs."""
+    candidates = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    dirs = [str(Path(c) / "include") for c in candidates if c]
+    for entry in sys.path:  # nvidia-cuda-runtime / nvidia-cuda-nvrtc wheels (CUDA 12: cuda_runtime, 13: cu13)
+        base = Path(entry) / "nvidia"
+        dirs += [str(base / sub / "include") for sub in ("cu13", "cuda_runtime", "cuda_nvrtc")]
+    seen: list[str] = []
+    for d in dirs:
+        if d not in seen and (Path(d) / "cuda_fp16.h").is_file():
+            seen.append(d)
+    return seen[:1]  # one consistent set of headers
+
+
+def _kernel(src: KernelSource, entry: str, device_index: int):
+    """The RawKernel ``entry`` of ``src`` on ``device_index``, compiled and loaded on first request."""
+    key = (src.hash, src.defines, device_index, entry)
+    with _LOCK:
+        kernel = _KERNELS.get(key)
+        if kernel is None:
+            cupy = _import_cupy()
+            options = NVRTC_OPTIONS + tuple(f"-I{d}" for d in nvrtc_include_dirs())
+            with cupy.cuda.Device(device_index):
+                module = cupy.RawModule(code=src.code, options=options, backend="nvrtc")
+                # get_function compiles and loads the module now; reading an attribute forces the
+                # cuModuleGetFunction, so nothing is left to do lazily inside a CUDA-graph capture.
+                kernel = module.get_function(entry)
+                _ = kernel.num_regs
+            _KERNELS[key] = kernel
+    return kernel
+
+
+def _external_stream(device_index: int):
+    cupy = _import_cupy()
+    ptr = torch.cuda.current_stream(device_index).cuda_stream
+    key = (device_index, ptr)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        stream = _STREAMS[key] = cupy.cuda.ExternalStream(ptr, device_index)
+    return stream
+
+
+def _marshal(args: Sequence[KernelArg]) -> tuple:
+    import numpy as np  # CuPy depends on NumPy; numpy scalars fix each argument's C type and size
+
+    conv = {"ptr": np.uint64, "i32": np.int32, "f32": np.float32}
+    return tuple(conv[a.kind](a.value) for a in args)
+
+
+def launch(src: KernelSource, entry: str, grid: tuple[int, int, int], block: tuple[int, int, int],
+           smem_bytes: int, args: Sequence[KernelArg], device: torch.device) -> None:
+    """Launch ``entry<<<grid, block, smem_bytes>>>(args)`` on ``device``'s current torch stream (async)."""
+    if device.type != "cuda":
+        raise ValueError(f"the cupy backend needs CUDA tensors, got device {device}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cupy = _import_cupy()
+    kernel = _kernel(src, entry, index)
+    if smem_bytes > _MAX_DEFAULT_SMEM and kernel.max_dynamic_shared_size_bytes < smem_bytes:
+        kernel.max_dynamic_shared_size_bytes = int(smem_bytes)
+    with cupy.cuda.Device(index), _external_stream(index):
+        kernel(tuple(grid), tuple(block), _marshal(args), shared_mem=int(smem_bytes))

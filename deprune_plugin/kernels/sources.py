@@ -1,0 +1,106 @@
+"""Kernel sources: locate ``cuda/*.cu``, specialise them with ``#define``s, hash them for caching.
+
+The same specialised text is compiled by NVRTC (:mod:`.cupy_launch`) and by g++ against
+``cuda/cuda_host_emulation.h`` (:mod:`.emulation`). Kernel arguments are described backend-neutrally
+with :class:`KernelArg` so that both backends marshal them identically.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+import torch
+
+__all__ = ["EMULATION_HEADER", "KernelArg", "KernelSource", "arg_f32", "arg_i32", "arg_ptr", "cuda_dir",
+           "scalar_define", "specialize"]
+
+#: Header the host emulation needs next to the ``.cu`` files (never used by NVRTC/nvcc builds).
+EMULATION_HEADER = "cuda_host_emulation.h"
+
+_SCALAR_DEFINES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
+def cuda_dir() -> Path:
+    """Directory holding the ``.cu`` sources: ``$DEPRUNE_CUDA_DIR`` if set, else ``<repo root>/cuda``
+    (the parent of the ``deprune_plugin`` package). Read on every call so tests can redirect it."""
+    env = os.environ.get("DEPRUNE_CUDA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "cuda"
+    if not path.is_dir():
+        raise FileNotFoundError(f"CUDA source directory {path} not found (set DEPRUNE_CUDA_DIR to the repo's cuda/ dir)")
+    return path
+
+
+def scalar_define(dtype: torch.dtype) -> str:
+    """The ``DEPRUNE_SCALAR`` value for a storage dtype (float32, float16 or bfloat16)."""
+    try:
+        return _SCALAR_DEFINES[dtype]
+    except KeyError:
+        raise TypeError(f"unsupported dtype {dtype}; expected float32, float16 or bfloat16") from None
+
+
+@dataclass(frozen=True)
+class KernelSource:
+    """One specialisation of one ``.cu`` file.
+
+    Attributes:
+        name: file name, e.g. ``"dw_direct.cu"``.
+        directory: where it was read from (the emulation build adds it to the include path).
+        defines: ``((NAME, value), ...)`` sorted, prepended as ``#define NAME value``.
+        code: the full specialised source.
+        hash: sha256 hex digest of ``code``; the compile-cache key of both backends.
+    """
+
+    name: str
+    directory: Path
+    defines: tuple[tuple[str, str], ...]
+    code: str
+    hash: str
+
+
+@lru_cache(maxsize=256)
+def _specialize_cached(path: str, mtime_ns: int, defines: tuple[tuple[str, str], ...]) -> KernelSource:
+    text = Path(path).read_text()
+    header = "".join(f"#define {k} {v}\n" for k, v in defines)
+    code = f"// specialisation of {Path(path).name}\n{header}{text}"
+    return KernelSource(Path(path).name, Path(path).parent, defines, code, hashlib.sha256(code.encode()).hexdigest())
+
+
+def specialize(name: str, defines: Mapping[str, object]) -> KernelSource:
+    """Read ``cuda_dir() / name`` and prepend ``#define``s; cached per (path, mtime, defines)."""
+    path = cuda_dir() / name
+    if not path.is_file():
+        raise FileNotFoundError(f"kernel source {path} not found")
+    for k in defines:
+        if not k.isidentifier():
+            raise ValueError(f"invalid define name {k!r}")
+    items = tuple(sorted((str(k), str(v)) for k, v in defines.items()))
+    return _specialize_cached(str(path), path.stat().st_mtime_ns, items)
+
+
+class KernelArg(NamedTuple):
+    """One kernel argument: ``kind`` is ``"ptr"`` (device/host address, 0 for nullptr), ``"i32"`` or ``"f32"``."""
+
+    kind: str
+    value: int | float
+
+
+def arg_ptr(t: torch.Tensor | None) -> KernelArg:
+    """Pointer argument from a (contiguous) tensor, or nullptr for ``None``."""
+    return KernelArg("ptr", 0 if t is None else int(t.data_ptr()))
+
+
+def arg_i32(v: int) -> KernelArg:
+    """``int`` argument; raises ValueError if it does not fit in 32 bits."""
+    v = int(v)
+    if not -(2**31) <= v < 2**31:
+        raise ValueError(f"kernel int argument {v} does not fit in int32")
+    return KernelArg("i32", v)
+
+
+def arg_f32(v: float) -> KernelArg:
+    """``float`` argument."""
+    return KernelArg("f32", float(v))

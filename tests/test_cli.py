@@ -1,0 +1,183 @@
+"""End-to-end tests of the ``deprune`` command, run as a subprocess exactly as a user would."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deprune_plugin.cli import main
+from deprune_plugin.masks import masked_convs, tap_mask
+from deprune_plugin.method import real_ratio
+from deprune_plugin.serialization import load, load_extra
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--limit", "200", "--image-size", "32", "--pretrain-epochs", "1", "--finetune-epochs", "1",
+        "--latency-reps", "3", "--latency-batch", "4", "--quiet", "--device", "cpu"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def deprune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m deprune_plugin ARGS`` with this checkout first on the path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, "-m", "deprune_plugin", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def dw_ratio_tolerance(group_size: int = 32, tile: int = 32, taps: int = 9) -> float:
+    """How far a balanced range's real ratio may sit from the target: HSR moves kept columns to a tile
+    boundary (at most one tile), plus rounding of one tap."""
+    return (tile + 1) / (group_size * taps)
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One successful default-model run on the built-in digits, shared by the success-path tests."""
+    out = tmp_path_factory.mktemp("prune")
+    proc = deprune("prune", *TINY, "--out", str(out / "model.pt"), cwd=out)
+    return out, proc
+
+
+def test_prune_succeeds_and_prints_the_table(pruned_run):
+    out, proc = pruned_run
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "K per range" in proc.stdout and "variant BH" in proc.stdout
+    assert "blocks.6.0.conv_dw" in proc.stdout  # a row of the per-layer table
+    assert "top-1:" in proc.stdout and "latency (cpu" in proc.stdout
+
+
+def test_prune_output_loads_with_masks_at_target(pruned_run):
+    out, proc = pruned_run
+    assert proc.returncode == 0, proc.stderr
+    model = load(out / "model.pt")
+    extra = load_extra(out / "model.pt")
+    convs = list(masked_convs(model))
+    assert len(convs) == 17  # every DW conv of mobilenetv2_100
+    for name, conv in convs:
+        keep = tap_mask(conv)
+        assert extra["dw_targets"][name] == pytest.approx(0.78)
+        assert abs(real_ratio(keep, 32) - 0.78) <= dw_ratio_tolerance(), name
+        assert torch.all(conv.weight[~keep] == 0), f"{name}: pruned taps not zero after fine-tuning"
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    metrics = extra["metrics"]
+    assert set(metrics["top1"]) == {"before", "after"}
+    assert {"before", "after"} <= set(metrics["latency_ms"])
+    assert metrics["macs"]["after"] < metrics["macs"]["before"]
+    assert extra["args"]["dw"] == 0.78 and extra["args"]["model"] == "mobilenetv2_100"
+
+
+def test_prune_writes_a_png_next_to_out(pruned_run):
+    out, proc = pruned_run
+    assert proc.returncode == 0, proc.stderr
+    png = out / "model.png"
+    data = png.read_bytes()
+    assert data.startswith(PNG_MAGIC)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # IHDR
+    assert width > 500 and height > 300
+
+
+def test_inspect_table_and_json(pruned_run):
+    out, proc = pruned_run
+    assert proc.returncode == 0, proc.stderr
+    table = deprune("inspect", str(out / "model.pt"), cwd=out)
+    assert table.returncode == 0, table.stderr
+    assert "blocks.3.1.conv_dw" in table.stdout and "top-1:" in table.stdout and "NO" not in table.stdout.split()
+    rep = deprune("inspect", "--json", str(out / "model.pt"), cwd=out)
+    assert rep.returncode == 0, rep.stderr
+    data = json.loads(rep.stdout)
+    assert len(data["layers"]) == 17
+    assert all(layer["zero_outside_mask"] for layer in data["layers"])
+    assert all(abs(layer["real_ratio"] - 0.78) <= dw_ratio_tolerance() for layer in data["layers"])
+
+
+def test_prune_iterative_variant_b(tmp_path):
+    """Iterative steps with fine-tunes between, variant B (no HSR: ratios hit the target to one tap)."""
+    proc = deprune("prune", *TINY, "--model", "mobilenetv3_small_050", "--variant", "B", "--steps", "2",
+                   "--dw", "0.5", "--pw", "0.25", "--no-figure", "--out", str(tmp_path / "b.pt"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "variant B:" in proc.stdout
+    assert not (tmp_path / "b.png").exists()
+    model = load(tmp_path / "b.pt")
+    for name, conv in masked_convs(model):
+        keep = tap_mask(conv)
+        taps = keep[0].numel()
+        assert abs(real_ratio(keep, 32) - 0.5) <= 1.0 / min(32, keep.shape[0]) / taps + 1e-9, name
+
+
+def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """name -> (arguments, text the error line must contain). Inputs the cases need are created here."""
+    (tmp / "empty_dir").mkdir()
+    (tmp / "a_file").write_text("not a folder")
+    (tmp / "junk.pt").write_text("not a checkpoint")
+    out = ["--out", str(tmp / "out" / "model.pt")]
+    return {
+        "unknown model": (["prune", "--model", "no_such_net", *TINY, *out], "no_such_net"),
+        "unknown torchvision model": (["prune", "--source", "torchvision", "--model", "no_such_net", *TINY, *out],
+                                      "no_such_net"),
+        "missing checkpoint": (["prune", "--checkpoint", str(tmp / "missing.pt"), *TINY, *out], "missing.pt"),
+        "unreadable checkpoint": (["prune", "--checkpoint", str(tmp / "junk.pt"), *TINY, *out], "junk.pt"),
+        "dw ratio too big": (["prune", "--dw", "1.0", *TINY, *out], "--dw"),
+        "pw ratio negative": (["prune", "--pw", "-0.1", *TINY, *out], "--pw"),
+        "ratio not a number": (["prune", "--dw", "lots", *TINY, *out], "--dw"),
+        "unknown variant": (["prune", "--variant", "XYZ", *TINY, *out], "--variant"),
+        "missing data folder": (["prune", "--data", str(tmp / "nowhere"), *TINY, *out], "nowhere"),
+        "data folder without images": (["prune", "--data", str(tmp / "empty_dir"), *TINY, *out], "empty_dir"),
+        "out in a missing directory": (["prune", *TINY, "--out", str(tmp / "no_dir" / "m.pt")], "no_dir"),
+        "out under a file": (["prune", *TINY, "--out", str(tmp / "a_file" / "m.pt")], "a_file"),
+        "out is a directory": (["prune", *TINY, "--out", str(tmp / "empty_dir")], "empty_dir"),
+        "unknown subcommand": (["shrink"], "shrink"),
+        "inspect missing file": (["inspect", str(tmp / "missing.pt")], "missing.pt"),
+        "inspect foreign file": (["inspect", str(tmp / "junk.pt")], "junk.pt"),
+    }
+
+
+def _case_names() -> list[str]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:  # the cases create their inputs: make them somewhere throwaway
+        return list(_bad_cases(Path(d)))
+
+
+@pytest.mark.parametrize("case", _case_names())
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkeypatch, case):
+    """In-process (a subprocess per case costs seconds of imports); a traceback would escape ``main``."""
+    args, needle = _bad_cases(tmp_path)[case]
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("deprune: error: ") and needle in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "a failed run wrote files"
+
+
+@pytest.mark.parametrize("case", ["unknown model", "dw ratio too big", "out in a missing directory"])
+def test_bad_input_through_the_process(tmp_path, case):
+    """The same through ``python -m deprune_plugin``: exit status 2, one stderr line, no traceback."""
+    args, needle = _bad_cases(tmp_path)[case]
+    (tmp_path / "out").mkdir()
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    proc = deprune(*args, cwd=tmp_path)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deprune: error: ") and needle in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_gpu_is_bad_input(tmp_path, capsys):
+    code = main(["prune", *TINY[:-2], "--device", "cuda", "--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "CUDA" in err and not list(tmp_path.iterdir())

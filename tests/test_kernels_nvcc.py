@@ -1,0 +1,130 @@
+"""Every cuda/*.cu specialisation compiles for the GPU: nvcc for sm_80 and sm_90 (no register spills), and
+NVRTC (the runtime path of deprune_plugin.kernels.cupy_launch) when its library is installed.
+
+No GPU is needed. The sources are specialised exactly as the launchers do and written alone into a
+temporary directory, so a build that needed cuda_host_emulation.h would fail here.
+"""
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from deprune_plugin.kernels.cupy_launch import NVRTC_OPTIONS, nvrtc_include_dirs
+from deprune_plugin.kernels.dw_direct import PIX_PER_THREAD, ROWS_PER_THREAD
+from deprune_plugin.kernels.dw_dr import POSITIONS_PER_THREAD
+from deprune_plugin.kernels.sources import EMULATION_HEADER, KernelSource, cuda_dir, scalar_define, specialize
+
+NVCC = shutil.which("nvcc")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ARCHS = ("80", "90")
+
+
+def _specialisations() -> list[tuple[str, KernelSource]]:
+    """The (entry, source) pairs the launchers build: each kernel x dtype x layout (+ DR group/tile variants)."""
+    out = []
+    for dtype in DTYPES:
+        for nhwc in (0, 1):
+            out.append(("deprune_dw_direct", specialize("dw_direct.cu", {
+                "DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_LAYOUT_NHWC": nhwc,
+                "DEPRUNE_ROWS": ROWS_PER_THREAD, "DEPRUNE_PIX": PIX_PER_THREAD})))
+            out.append(("deprune_dw_dr", specialize("dw_dr.cu", {
+                "DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_LAYOUT_NHWC": nhwc, "DEPRUNE_GROUP_SIZE": 32,
+                "DEPRUNE_KTILE": 32, "DEPRUNE_DR_PN": POSITIONS_PER_THREAD})))
+    out.append(("deprune_dw_dr", specialize("dw_dr.cu", {
+        "DEPRUNE_SCALAR": "float", "DEPRUNE_LAYOUT_NHWC": 1, "DEPRUNE_GROUP_SIZE": 64, "DEPRUNE_KTILE": 16,
+        "DEPRUNE_DR_PN": POSITIONS_PER_THREAD})))
+    return out
+
+
+def _id(item: tuple[str, KernelSource]) -> str:
+    entry, src = item
+    d = dict(src.defines)
+    extra = f"-g{d['DEPRUNE_GROUP_SIZE']}-t{d['DEPRUNE_KTILE']}" if "DEPRUNE_GROUP_SIZE" in d else ""
+    return f"{src.name[:-3]}-{d['DEPRUNE_SCALAR'].strip('_')}-{'nhwc' if d['DEPRUNE_LAYOUT_NHWC'] == '1' else 'nchw'}{extra}"
+
+
+SPECS = _specialisations()
+
+
+def test_every_cu_file_is_covered():
+    names = {Path(p).name for p in glob.glob(str(cuda_dir() / "*.cu"))}
+    assert names == {src.name for _, src in SPECS}
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH")
+@pytest.mark.parametrize("spec", SPECS, ids=[_id(s) for s in SPECS])
+def test_nvcc_compiles_without_spills(spec, tmp_path):
+    entry, src = spec
+    cu = tmp_path / src.name  # alone: cuda_host_emulation.h is not next to it
+    cu.write_text(src.code)
+    assert not (tmp_path / EMULATION_HEADER).exists()
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
+    cmd = [NVCC, "-x", "cu", "-std=c++17", *gencode, "-Xptxas", "-v", "-c", str(cu), "-o", str(tmp_path / "k.o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
+    log = proc.stdout + proc.stderr
+    for arch in ARCHS:
+        assert f"Compiling entry function '{entry}' for 'sm_{arch}'" in log
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills and all(s == ("0", "0") for s in spills), f"register spills:\n{log}"
+
+
+# ---- NVRTC (what CuPy uses at run time) -----------------------------------------------------------
+
+def _load_nvrtc() -> ctypes.CDLL | None:
+    candidates = []
+    for entry in sys.path:
+        for sub in ("nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"):
+            candidates += sorted(glob.glob(os.path.join(entry, sub, "libnvrtc.so*")))
+    for base in filter(None, [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]):
+        candidates += sorted(glob.glob(os.path.join(base, "lib64", "libnvrtc.so*")))
+    for path in candidates:
+        if ".alt." in path or "builtins" in path:
+            continue
+        try:
+            # NVRTC dlopens its builtins library by soname: preload it from the same directory.
+            for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*")):
+                if ".alt." not in builtins:
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    return None
+
+
+NVRTC = _load_nvrtc()
+
+
+def _nvrtc_compile(code: str, options: list[str]) -> tuple[int, str]:
+    prog = ctypes.c_void_p()
+    assert NVRTC.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), b"kernel.cu", 0, None, None) == 0
+    opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+    rc = NVRTC.nvrtcCompileProgram(prog, len(options), opts)
+    size = ctypes.c_size_t()
+    NVRTC.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    NVRTC.nvrtcGetProgramLog(prog, log)
+    NVRTC.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc, log.value.decode(errors="replace")
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (CUDA toolkit or nvidia-cuda-nvrtc wheel)")
+@pytest.mark.skipif(not nvrtc_include_dirs(), reason="cuda_fp16.h not found for NVRTC")
+@pytest.mark.parametrize("spec", SPECS, ids=[_id(s) for s in SPECS])
+def test_nvrtc_compiles_with_the_launcher_options(spec):
+    _, src = spec
+    options = [*NVRTC_OPTIONS, *(f"-I{d}" for d in nvrtc_include_dirs())]
+    for arch in ARCHS:
+        rc, log = _nvrtc_compile(src.code, [*options, f"-arch=compute_{arch}"])
+        assert rc == 0, log
