@@ -69,17 +69,20 @@ def cases(draw, max_c: int = 70) -> Case:
     h_min = max(1, dh * (kh - 1) + 1 - 2 * ph)
     w_min = max(1, dw * (kw - 1) + 1 - 2 * pw)
     return Case(
-        n=draw(st.integers(1, 3)), c=c, h=draw(st.integers(h_min, h_min + 9)), w=draw(st.integers(w_min, w_min + 9)),
+        n=draw(st.integers(1, 3)), c=c,
+        h=draw(st.integers(h_min, h_min + 9)), w=draw(st.integers(w_min, w_min + 9)),
         kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
         density=draw(st.sampled_from([0.0, 0.3, 0.6, 1.0])), pruned_channels=draw(st.integers(0, min(3, c))),
-        act=draw(st.sampled_from(sorted(ACTIVATIONS))), with_bias=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        act=draw(st.sampled_from(sorted(ACTIVATIONS))), with_bias=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 
 def reference(x, weight, bias, case: Case) -> torch.Tensor:
     """act(F.conv2d) in float32 on the masked weight (x upcast exactly; NCHW because CPU float64 and
     channels_last dilated convs hit a very slow path)."""
-    y = F.conv2d(x.float().contiguous(), weight, bias, case.stride, case.padding, case.dilation, groups=x.shape[1])
+    y = F.conv2d(x.float().contiguous(), weight, bias, case.stride, case.padding, case.dilation,
+                 groups=x.shape[1])
     return ACT_FNS[case.act](y)
 
 
@@ -93,8 +96,8 @@ def matches(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
 def run_case(case: Case, dtype: torch.dtype, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
     x, weight, mask, bias = case.tensors(dtype, channels_last)
     taps = CompactTaps.from_dense(weight, mask)
-    y = dw_direct(x, taps, bias, stride=case.stride, padding=case.padding, dilation=case.dilation, act=case.act,
-                  backend="emu")
+    y = dw_direct(x, taps, bias, stride=case.stride, padding=case.padding, dilation=case.dilation,
+                  act=case.act, backend="emu")
     return y, reference(x, taps.to_dense(), bias, case)
 
 
@@ -172,13 +175,15 @@ def _taps(c=8, k=3):
     (lambda: dw_direct(torch.randn(1, 8, 5, 5), _taps(), torch.zeros(7), backend="emu"), ValueError, "bias"),
     (lambda: dw_direct(torch.randn(1, 8, 5, 5), _taps(), torch.zeros(8).double(), backend="emu"), TypeError,
      "bias"),
-    (lambda: dw_direct(torch.randn(1, 8, 5, 5), _taps(), torch.zeros(8, device="meta"), backend="emu"), ValueError,
-     "bias is on meta"),
-    (lambda: dw_direct(torch.randn(1, 8, 5, 5), _taps(), None, stride=0, backend="emu"), ValueError, "stride"),
+    (lambda: dw_direct(torch.randn(1, 8, 5, 5), _taps(), torch.zeros(8, device="meta"), backend="emu"),
+     ValueError, "bias is on meta"),
+    (lambda: dw_direct(torch.randn(1, 8, 5, 5), _taps(), None, stride=0, backend="emu"), ValueError,
+     "stride"),
     (lambda: dw_direct(torch.randn(1, 8, 5, 5), _taps(), None, padding=(1, -1), backend="emu"), ValueError,
      "padding"),
     (lambda: dw_direct(torch.randn(1, 8, 2, 2), _taps(), None, backend="emu"), ValueError, "empty output"),
-    (lambda: dw_direct(torch.randn(1, 8, 5, 5), torch.randn(8, 1, 3, 3), None, backend="emu"), TypeError, "taps"),
+    (lambda: dw_direct(torch.randn(1, 8, 5, 5), torch.randn(8, 1, 3, 3), None, backend="emu"), TypeError,
+     "taps"),
 ])
 def test_bad_arguments_raise(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -203,24 +208,30 @@ def test_perturbed_tap_is_detected():
     taps = CompactTaps.from_dense(weight, mask)
     ref = reference(x, taps.to_dense(), bias, RICH)
     taps.tap_val[taps.nnz // 2] += 0.5  # one wrong tap among hundreds
-    y = dw_direct(x, taps, bias, stride=RICH.stride, padding=RICH.padding, dilation=RICH.dilation, backend="emu")
+    y = dw_direct(x, taps, bias, stride=RICH.stride, padding=RICH.padding, dilation=RICH.dilation,
+                  backend="emu")
     assert not matches(y, ref, torch.float32)
 
 
 MUTATIONS = [
     # (original text, mutated text, occurrences, case, layouts it breaks)
-    ("(k % KW) * DW", "(k % KW)", 2, RICH, ["nchw", "nhwc"]),                                 # column dilation
-    ("const int iy0 = oy0 * SH - PH;", "const int iy0 = oy0 * SH;", 1, RICH, ["nchw", "nhwc"]),  # top padding
-    ("acc[r] += w * p[r * row_step];", "acc[r] += w * p[r * in_w];", 1, RICH, ["nchw"]),        # row stride
+    # column dilation dropped
+    ("(k % KW) * DW", "(k % KW)", 2, RICH, ["nchw", "nhwc"]),
+    # top padding dropped
+    ("const int iy0 = oy0 * SH - PH;", "const int iy0 = oy0 * SH;", 1, RICH, ["nchw", "nhwc"]),
+    # NCHW register rows ignore the stride
+    ("acc[r] += w * p[r * row_step];", "acc[r] += w * p[r * in_w];", 1, RICH, ["nchw"]),
+    # NHWC pixels ignore the column stride
     ("base[q] = ((ly * SH) * in_w + lx * SW) * cb + ch;",
-     "base[q] = ((ly * SH) * in_w + lx) * cb + ch;", 1, RICH, ["nhwc"]),                         # column stride
+     "base[q] = ((ly * SH) * in_w + lx) * cb + ch;", 1, RICH, ["nhwc"]),
     # halo origin of the second and later tiles (the first tile starts at 0 either way)
     ("const int ix0 = ox0 * SW - PW;", "const int ix0 = ox0 - PW;", 1, MULTI_TILE, ["nchw", "nhwc"]),
     ("const int iy0 = oy0 * SH - PH;", "const int iy0 = oy0 - PH;", 1, MULTI_TILE, ["nchw", "nhwc"]),
 ]
 
 
-@pytest.mark.parametrize("old,new,count,case,layouts", MUTATIONS, ids=[f"mut{i}" for i in range(len(MUTATIONS))])
+@pytest.mark.parametrize("old,new,count,case,layouts", MUTATIONS,
+                         ids=[f"mut{i}" for i in range(len(MUTATIONS))])
 def test_kernel_mutation_is_caught(tmp_path, monkeypatch, old, new, count, case, layouts):
     source = (cuda_dir() / "dw_direct.cu").read_text()
     assert source.count(old) == count, "mutation no longer matches the kernel source; update MUTATIONS"

@@ -70,17 +70,20 @@ def cases(draw, max_c: int = 70) -> Case:
     h_min = max(1, dh * (kh - 1) + 1 - 2 * ph)
     w_min = max(1, dw * (kw - 1) + 1 - 2 * pw)
     return Case(
-        n=draw(st.integers(1, 3)), c=c, h=draw(st.integers(h_min, h_min + 9)), w=draw(st.integers(w_min, w_min + 9)),
+        n=draw(st.integers(1, 3)), c=c,
+        h=draw(st.integers(h_min, h_min + 9)), w=draw(st.integers(w_min, w_min + 9)),
         kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw),
         density=draw(st.sampled_from([0.0, 0.3, 0.6, 1.0])), pruned_channels=draw(st.integers(0, min(3, c))),
-        act=draw(st.sampled_from(sorted(ACTIVATIONS))), with_bias=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+        act=draw(st.sampled_from(sorted(ACTIVATIONS))), with_bias=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
     )
 
 
 def reference(x, weight, bias, case: Case) -> torch.Tensor:
     """act(F.conv2d) in float32 on the masked weight (x upcast exactly; NCHW because CPU float64 and
     channels_last dilated convs hit a very slow path)."""
-    y = F.conv2d(x.float().contiguous(), weight, bias, case.stride, case.padding, case.dilation, groups=x.shape[1])
+    y = F.conv2d(x.float().contiguous(), weight, bias, case.stride, case.padding, case.dilation,
+                 groups=x.shape[1])
     return ACT_FNS[case.act](y)
 
 
@@ -100,7 +103,8 @@ def run_case(case: Case, dtype: torch.dtype, channels_last: bool, group_size: in
     return y, reference(x, cols.to_dense(), bias, case)
 
 
-def check_case(case: Case, dtype: torch.dtype, channels_last: bool, group_size: int = 32, tile: int = 32) -> None:
+def check_case(case: Case, dtype: torch.dtype, channels_last: bool, group_size: int = 32,
+               tile: int = 32) -> None:
     y, ref = run_case(case, dtype, channels_last, group_size, tile)
     assert y.shape == ref.shape and y.dtype == dtype
     assert y.is_contiguous(memory_format=torch.channels_last) if channels_last else y.is_contiguous()
@@ -178,12 +182,14 @@ def _cols(c=8, k=3, **kw):
 @pytest.mark.parametrize("call,exc,match", [
     (lambda: dw_dr(torch.randn(1, 9, 5, 5), _cols(), None, backend="emu"), ValueError, "channels"),
     (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(), None, act="tanh", backend="emu"), ValueError, "act"),
-    (lambda: dw_dr(torch.randn(1, 8, 5, 5).to(torch.int32), _cols(), None, backend="emu"), TypeError, "x must"),
+    (lambda: dw_dr(torch.randn(1, 8, 5, 5).to(torch.int32), _cols(), None, backend="emu"), TypeError,
+     "x must"),
     (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(), None, backend="cupy"), ValueError, "CUDA"),
     (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(), torch.zeros(8, 1), backend="emu"), ValueError, "bias"),
     (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(), None, dilation=(1, 0), backend="emu"), ValueError,
      "dilation"),
-    (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(group_size=256), None, backend="emu"), ValueError, "group_size"),
+    (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(group_size=256), None, backend="emu"), ValueError,
+     "group_size"),
     (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(group_size=128, tile=128), None, backend="emu"), ValueError,
      "tile"),
     (lambda: dw_dr(torch.randn(1, 8, 5, 5), None, None, backend="emu"), TypeError, "cols"),
@@ -215,25 +221,32 @@ def test_perturbed_column_is_detected():
 
 MUTATIONS = [
     # (original text, mutated text, occurrences, case, layouts it breaks)
+    # W tile filled from the wrong column
     ("s_w[j][r] = s_row[j] == r ? col_val[k0 + j] : 0.0f;",
-     "s_w[j][r] = s_row[j] == r ? col_val[k0] : 0.0f;", 1, RICH, ["nchw", "nhwc"]),          # W tile column
+     "s_w[j][r] = s_row[j] == r ? col_val[k0] : 0.0f;", 1, RICH, ["nchw", "nhwc"]),
+    # column dilation dropped
     ("s_dx[j] = ok ? (tap % KW) * DW : DR_OUTSIDE;",
-     "s_dx[j] = ok ? (tap % KW) : DR_OUTSIDE;", 1, RICH, ["nchw", "nhwc"]),                  # column dilation
+     "s_dx[j] = ok ? (tap % KW) : DR_OUTSIDE;", 1, RICH, ["nchw", "nhwc"]),
+    # top padding dropped
     ("s_py[e] = p < P ? oy * SH - PH : DR_OUTSIDE;",
-     "s_py[e] = p < P ? oy * SH : DR_OUTSIDE;", 1, RICH, ["nchw", "nhwc"]),                  # top padding
-    ("const int c = c0 + rl + i * DR_T;", "const int c = c0 + rl * DR_RM + i;", 1, RICH,
-     ["nchw", "nhwc"]),                                                                       # row <-> channel map
+     "s_py[e] = p < P ? oy * SH : DR_OUTSIDE;", 1, RICH, ["nchw", "nhwc"]),
+    # accumulator row <-> channel map
+    ("const int c = c0 + rl + i * DR_T;", "const int c = c0 + rl * DR_RM + i;", 1, RICH, ["nchw", "nhwc"]),
+    # last K tile skipped
     ("for (int k0 = k_begin; k0 < k_end; k0 += DEPRUNE_KTILE)",
-     "for (int k0 = k_begin; k0 + DEPRUNE_KTILE < k_end; k0 += DEPRUNE_KTILE)", 1, RICH,
-     ["nchw", "nhwc"]),                                                                       # last K tile skipped
-    ("* C + s_chan[j]]", "* C + s_chan[0]]", 1, RICH, ["nhwc"]),                              # NHWC gather channel
+     "for (int k0 = k_begin; k0 + DEPRUNE_KTILE < k_end; k0 += DEPRUNE_KTILE)", 1, RICH, ["nchw", "nhwc"]),
+    # NHWC gather reads the wrong channel
+    ("* C + s_chan[j]]", "* C + s_chan[0]]", 1, RICH, ["nhwc"]),
+    # stride axes swapped
     ("s_px[e] = p < P ? ox * SW - PW : DR_OUTSIDE;",
-     "s_px[e] = p < P ? ox * SH - PW : DR_OUTSIDE;", 1, MULTI_CTA, ["nchw", "nhwc"]),         # stride axes swapped
-    ("const int oy = p / OW;", "const int oy = p / OH;", 1, MULTI_CTA, ["nchw", "nhwc"]),     # position decode
+     "s_px[e] = p < P ? ox * SH - PW : DR_OUTSIDE;", 1, MULTI_CTA, ["nchw", "nhwc"]),
+    # output position decoded with the wrong width
+    ("const int oy = p / OW;", "const int oy = p / OH;", 1, MULTI_CTA, ["nchw", "nhwc"]),
 ]
 
 
-@pytest.mark.parametrize("old,new,count,case,layouts", MUTATIONS, ids=[f"mut{i}" for i in range(len(MUTATIONS))])
+@pytest.mark.parametrize("old,new,count,case,layouts", MUTATIONS,
+                         ids=[f"mut{i}" for i in range(len(MUTATIONS))])
 def test_kernel_mutation_is_caught(tmp_path, monkeypatch, old, new, count, case, layouts):
     source = (cuda_dir() / "dw_dr.cu").read_text()
     assert source.count(old) == count, "mutation no longer matches the kernel source; update MUTATIONS"

@@ -29,7 +29,8 @@ ARCHS = ("80", "90")
 
 
 def _specialisations() -> list[tuple[str, KernelSource]]:
-    """The (entry, source) pairs the launchers build: each kernel x dtype x layout (+ DR group/tile variants)."""
+    """(entry, source) pairs as the launchers build them: kernel x dtype x layout, plus a DR group/tile
+    variant."""
     out = []
     for dtype in DTYPES:
         for nhwc in (0, 1):
@@ -49,7 +50,8 @@ def _id(item: tuple[str, KernelSource]) -> str:
     entry, src = item
     d = dict(src.defines)
     extra = f"-g{d['DEPRUNE_GROUP_SIZE']}-t{d['DEPRUNE_KTILE']}" if "DEPRUNE_GROUP_SIZE" in d else ""
-    return f"{src.name[:-3]}-{d['DEPRUNE_SCALAR'].strip('_')}-{'nhwc' if d['DEPRUNE_LAYOUT_NHWC'] == '1' else 'nchw'}{extra}"
+    layout = "nhwc" if d["DEPRUNE_LAYOUT_NHWC"] == "1" else "nchw"
+    return f"{src.name[:-3]}-{d['DEPRUNE_SCALAR'].strip('_')}-{layout}{extra}"
 
 
 SPECS = _specialisations()
@@ -69,7 +71,8 @@ def test_nvcc_compiles_without_spills(spec, tmp_path):
     cu.write_text(src.code)
     assert not (tmp_path / EMULATION_HEADER).exists()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    cmd = [NVCC, "-x", "cu", "-std=c++17", *gencode, "-Xptxas", "-v", "-c", str(cu), "-o", str(tmp_path / "k.o")]
+    cmd = [NVCC, "-x", "cu", "-std=c++17", "--threads", "2", *gencode, "-Xptxas", "-v", "-c", str(cu),
+           "-o", str(tmp_path / "k.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     log = proc.stdout + proc.stderr

@@ -19,7 +19,8 @@ import torch
 __all__ = ["CompactTaps", "DRColumns"]
 
 
-def _check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_weight_and_mask(weight: torch.Tensor,
+                           mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a DW weight ``[C, 1, kh, kw]`` and an optional mask; return ``(weight fp32, keep bool)``,
     both ``[C, kh, kw]`` on the weight's device."""
     if not isinstance(weight, torch.Tensor):
@@ -36,7 +37,8 @@ def _check_weight_and_mask(weight: torch.Tensor, mask: torch.Tensor | None) -> t
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
     if tuple(mask.shape) not in (tuple(weight.shape), tuple(w.shape)):
-        raise ValueError(f"mask must have shape {tuple(weight.shape)} or {tuple(w.shape)}, got {tuple(mask.shape)}")
+        raise ValueError(f"mask must have shape {tuple(weight.shape)} or {tuple(w.shape)}, "
+                         f"got {tuple(mask.shape)}")
     if mask.device != weight.device:
         raise ValueError(f"mask is on {mask.device} but weight is on {weight.device}")
     if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
@@ -60,7 +62,7 @@ def _check_index_tensor(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
 class CompactTaps:
     """Per-channel CSR of the kept taps of one DW conv.
 
-    Channel ``c`` keeps the taps ``tap_idx[tap_ptr[c]:tap_ptr[c+1]]`` (ascending) with weights ``tap_val[...]``.
+    Channel ``c`` keeps the taps ``tap_idx[tap_ptr[c]:tap_ptr[c+1]]`` (ascending), weights ``tap_val[...]``.
 
     Attributes:
         tap_ptr: int32 ``[C + 1]``, ``tap_ptr[0] == 0``, non-decreasing, ``tap_ptr[C] == nnz``.
@@ -82,7 +84,8 @@ class CompactTaps:
         if self.tap_ptr.numel() < 2:
             raise ValueError("tap_ptr must have C + 1 >= 2 entries")
         if self.tap_idx.numel() != self.tap_val.numel():
-            raise ValueError(f"tap_idx ({self.tap_idx.numel()}) and tap_val ({self.tap_val.numel()}) differ in length")
+            raise ValueError(f"tap_idx ({self.tap_idx.numel()}) and tap_val ({self.tap_val.numel()}) "
+                             "differ in length")
         if len({self.tap_ptr.device, self.tap_idx.device, self.tap_val.device}) != 1:
             raise ValueError("tap_ptr, tap_idx and tap_val must be on one device")
         # One-off content check (a device sync on CUDA; formats are built at conversion time, not per call).
@@ -133,7 +136,8 @@ class CompactTaps:
 
     def to(self, device: torch.device | str) -> "CompactTaps":
         """A copy with every tensor on ``device``."""
-        return CompactTaps(self.tap_ptr.to(device), self.tap_idx.to(device), self.tap_val.to(device), self.kernel_size)
+        return CompactTaps(self.tap_ptr.to(device), self.tap_idx.to(device), self.tap_val.to(device),
+                           self.kernel_size)
 
 
 @dataclass
@@ -147,7 +151,8 @@ class DRColumns:
     tap 0, value 0).
 
     Attributes:
-        col_ptr: int32 ``[G + 1]``, padded offsets; every ``col_ptr[g+1] - col_ptr[g]`` is a multiple of ``tile``.
+        col_ptr: int32 ``[G + 1]``, padded offsets; each ``col_ptr[g+1] - col_ptr[g]`` is a multiple of
+            ``tile``.
         col_chan: int32 ``[ncols]``, channel of each column (an index into the layer's C channels).
         col_tap: int32 ``[ncols]``, tap ``i * kw + j`` of each column.
         col_val: float32 ``[ncols]``, weight of each column (0 for padding).
@@ -173,7 +178,8 @@ class DRColumns:
         if int(self.group_size) < 1 or int(self.tile) < 1 or int(self.num_channels) < 1:
             raise ValueError(f"group_size, tile and num_channels must be >= 1, got "
                              f"{self.group_size}, {self.tile} and {self.num_channels}")
-        self.group_size, self.tile, self.num_channels = int(self.group_size), int(self.tile), int(self.num_channels)
+        self.group_size, self.tile = int(self.group_size), int(self.tile)
+        self.num_channels = int(self.num_channels)
         for name, dtype in (("col_ptr", torch.int32), ("col_chan", torch.int32), ("col_tap", torch.int32),
                             ("col_val", torch.float32), ("col_kept", torch.int32)):
             _check_index_tensor(name, getattr(self, name), dtype)
@@ -182,15 +188,18 @@ class DRColumns:
             raise ValueError("col_chan, col_tap and col_val must have the same length")
         num_ranges = -(-self.num_channels // self.group_size)
         if self.col_ptr.numel() != num_ranges + 1 or self.col_kept.numel() != num_ranges:
-            raise ValueError(f"col_ptr must have G + 1 = {num_ranges + 1} entries and col_kept G = {num_ranges} "
-                             f"(C={self.num_channels}, group_size={self.group_size}), got "
+            raise ValueError(f"col_ptr must have G + 1 = {num_ranges + 1} entries and col_kept "
+                             f"G = {num_ranges} (C={self.num_channels}, group_size={self.group_size}), got "
                              f"{self.col_ptr.numel()} and {self.col_kept.numel()}")
-        if len({t.device for t in (self.col_ptr, self.col_chan, self.col_tap, self.col_val, self.col_kept)}) != 1:
+        tensors = (self.col_ptr, self.col_chan, self.col_tap, self.col_val, self.col_kept)
+        if len({t.device for t in tensors}) != 1:
             raise ValueError("all DRColumns tensors must be on one device")
         ptr = self.col_ptr.cpu().to(torch.int64)
         widths = ptr[1:] - ptr[:-1]
-        if int(ptr[0]) != 0 or int(ptr[-1]) != n or bool((widths < 0).any()) or bool((widths % self.tile != 0).any()):
-            raise ValueError(f"col_ptr must start at 0, end at ncols and step by multiples of tile={self.tile}")
+        bad_width = bool((widths < 0).any()) or bool((widths % self.tile).any())
+        if int(ptr[0]) != 0 or int(ptr[-1]) != n or bad_width:
+            raise ValueError(f"col_ptr must start at 0, end at ncols and step by multiples of "
+                             f"tile={self.tile}")
         if bool((self.col_kept.cpu().to(torch.int64) > widths).any()):
             raise ValueError("col_kept exceeds a range's padded column count")
         # Every column must belong to its own range and window (the kernel would zero it otherwise).
@@ -207,7 +216,8 @@ class DRColumns:
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None, group_size: int = 32,
                    tile: int = 32) -> "DRColumns":
         """Build from a DW weight ``[C, 1, kh, kw]``; kept = ``mask`` (``[C, 1, kh, kw]`` or ``[C, kh, kw]``)
-        if given, else ``weight != 0``. ``group_size`` channels per range, column counts padded to ``tile``."""
+        if given, else ``weight != 0``. ``group_size`` channels per range, column counts padded to
+        ``tile``."""
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         if not isinstance(tile, int) or tile < 1:
@@ -222,7 +232,8 @@ class DRColumns:
             tap, local = keep_t[:, start:stop].nonzero(as_tuple=True)  # tap-major, channels ascending
             k = tap.numel()
             pad = -k % tile
-            chans.append(torch.cat([local + start, torch.full((pad,), start, device=w.device, dtype=local.dtype)]))
+            pad_chan = torch.full((pad,), start, device=w.device, dtype=local.dtype)
+            chans.append(torch.cat([local + start, pad_chan]))
             taps.append(torch.cat([tap, torch.zeros(pad, device=w.device, dtype=tap.dtype)]))
             vals.append(torch.cat([wt[tap, local + start], torch.zeros(pad, device=w.device)]))
             kept.append(k)

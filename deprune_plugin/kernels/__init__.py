@@ -15,6 +15,6 @@ from .dw_dr import dw_dr
 from .emulation import emulation_available
 
 __all__ = [
-    "ACTIVATIONS", "BACKENDS", "Choice", "KernelDispatcher", "cupy_available", "dispatch_key", "dw_direct", "dw_dr",
-    "emulation_available",
+    "ACTIVATIONS", "BACKENDS", "Choice", "KernelDispatcher", "cupy_available", "dispatch_key", "dw_direct",
+    "dw_dr", "emulation_available",
 ]

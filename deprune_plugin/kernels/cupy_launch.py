@@ -46,7 +46,8 @@ def cupy_available() -> tuple[bool, str]:
     try:
         cupy = _import_cupy()
     except Exception as exc:  # ImportError, or a broken CUDA install raising at import
-        return False, f"cupy is not importable ({type(exc).__name__}: {exc}); install cupy-cuda12x or cupy-cuda13x"
+        return False, (f"cupy is not importable ({type(exc).__name__}: {exc}); "
+                       "install cupy-cuda12x or cupy-cuda13x")
     try:
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:

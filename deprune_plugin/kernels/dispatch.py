@@ -66,7 +66,8 @@ class KernelDispatcher:
             same result. Iteration order breaks ties (the first listed wins).
         warmup: untimed calls per candidate (compilation, cuDNN autotuning, caches).
         reps: timed calls per candidate; the median is compared.
-        timer: ``timer(fn, device) -> seconds`` of one call; default :func:`default_timer`. Injectable for tests.
+        timer: ``timer(fn, device) -> seconds`` of one call; default :func:`default_timer`. Injectable for
+            tests.
 
     Calling the dispatcher runs the chosen candidate. :attr:`cache` maps :func:`dispatch_key` tuples to
     :class:`Choice`; :meth:`choice` reads it.
@@ -99,8 +100,8 @@ class KernelDispatcher:
         if cached is not None:
             return cached
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("KernelDispatcher: no choice cached for this input while a CUDA graph is being "
-                               "captured; run one warm-up call with the same input signature before capture")
+            raise RuntimeError("KernelDispatcher: no choice cached for this input while a CUDA graph is being"
+                               " captured; run one warm-up call with the same input signature before capture")
         timings: dict[str, float] = {}
         errors: dict[str, str] = {}
         for name, fn in self.candidates.items():
@@ -110,7 +111,7 @@ class KernelDispatcher:
                 for _ in range(self.warmup):
                     call()
                 timings[name] = statistics.median(self.timer(call, x.device) for _ in range(self.reps))
-            except Exception as exc:  # a candidate that cannot run this input is skipped, with the reason kept
+            except Exception as exc:  # a candidate that cannot run this input is skipped, reason kept
                 errors[name] = f"{type(exc).__name__}: {exc}"
         if not timings:
             detail = "; ".join(f"{k}: {v}" for k, v in errors.items())

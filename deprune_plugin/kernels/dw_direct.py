@@ -73,9 +73,10 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[torch.Tensor], num_channels: int,
-                 kernel_size: tuple[int, int], bias: torch.Tensor | None, stride, padding, dilation, act: str,
-                 backend: str) -> tuple[torch.Tensor, ConvGeometry, torch.Tensor | None, int, torch.Tensor]:
+def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[torch.Tensor],
+                 num_channels: int, kernel_size: tuple[int, int], bias: torch.Tensor | None, stride, padding,
+                 dilation, act: str, backend: str
+                 ) -> tuple[torch.Tensor, ConvGeometry, torch.Tensor | None, int, torch.Tensor]:
     """Check the arguments of a DW conv launch (no device sync) and allocate its output.
 
     Args:
@@ -87,7 +88,8 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
         bias: ``[C]`` float32 or ``x.dtype``, or None.
 
     Returns:
-        ``(x, geometry, bias fp32 contiguous or None, act code, y)`` with ``y`` ``[N, C, OH, OW]`` in x's format.
+        ``(x, geometry, bias fp32 contiguous or None, act code, y)``; ``y`` is ``[N, C, OH, OW]`` in x's
+        memory format.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -98,7 +100,8 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
     if x.dtype not in _DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if backend == "cupy" and x.device.type != "cuda":
-        raise ValueError(f"backend='cupy' needs x on a CUDA device, got {x.device}; use backend='emu' on the CPU")
+        raise ValueError(f"backend='cupy' needs x on a CUDA device, got {x.device}; "
+                         "use backend='emu' on the CPU")
     if backend == "emu" and x.device.type != "cpu":
         raise ValueError(f"backend='emu' runs on the CPU, got x on {x.device}")
     if act not in ACTIVATIONS:
@@ -134,8 +137,9 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
     if n > _MAX_GRID_YZ:
         raise ValueError(f"batch size {n} exceeds {_MAX_GRID_YZ} (one grid z slice per image)")
 
-    if x.is_contiguous(memory_format=torch.channels_last) and (not x.is_contiguous() or x.stride(1) < x.stride(3)):
-        nhwc = True  # channels_last; the stride test settles tensors contiguous in both formats (H = W = 1)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    if channels_last and (not x.is_contiguous() or x.stride(1) < x.stride(3)):
+        nhwc = True  # the stride test settles tensors contiguous in both formats (e.g. H = W = 1)
     elif x.is_contiguous():
         nhwc = False
     else:
@@ -147,7 +151,8 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
 
 
 def run_kernel(backend: str, src: KernelSource, entry: str, grid: tuple[int, int, int],
-               block: tuple[int, int, int], smem: int, args: Sequence[KernelArg], device: torch.device) -> None:
+               block: tuple[int, int, int], smem: int, args: Sequence[KernelArg],
+               device: torch.device) -> None:
     """Launch on the GPU through CuPy (``"cupy"``) or run the host emulation (``"emu"``)."""
     if backend == "cupy":
         cupy_launch.launch(src, entry, grid, block, smem, args, device)
@@ -171,8 +176,8 @@ def _plan_nchw(g: ConvGeometry) -> tuple[tuple[int, int, int], int, int, int]:
         else:
             bx //= 2
     if smem > _SMEM_MAX:
-        raise ValueError(f"kernel window {g.kh}x{g.kw} with dilation {(g.dh, g.dw)} needs {smem} bytes of shared "
-                         f"memory, more than {_SMEM_MAX}")
+        raise ValueError(f"kernel window {g.kh}x{g.kw} with dilation {(g.dh, g.dw)} needs {smem} bytes of "
+                         f"shared memory, more than {_SMEM_MAX}")
     return (bx, by, 1), by * ROWS_PER_THREAD, bx, smem
 
 
@@ -193,14 +198,15 @@ def _plan_nhwc(g: ConvGeometry) -> tuple[tuple[int, int, int], int, int, int]:
         else:
             cb //= 2
     if smem > _SMEM_MAX:
-        raise ValueError(f"kernel window {g.kh}x{g.kw} with dilation {(g.dh, g.dw)} needs {smem} bytes of shared "
-                         f"memory, more than {_SMEM_MAX}")
+        raise ValueError(f"kernel window {g.kh}x{g.kw} with dilation {(g.dh, g.dw)} needs {smem} bytes of "
+                         f"shared memory in channels_last, more than {_SMEM_MAX}")
     return (cb, py, 1), tile_h, tile_w, smem
 
 
 def dw_direct(x: torch.Tensor, taps: CompactTaps, bias: torch.Tensor | None, *, stride=(1, 1), padding=(0, 0),
               dilation=(1, 1), act: str = "identity", backend: str = "cupy") -> torch.Tensor:
-    """Tap-sparse depth-wise conv: ``act(F.conv2d(x, taps.to_dense(), bias, stride, padding, dilation, groups=C))``.
+    """Tap-sparse depth-wise conv:
+    ``act(F.conv2d(x, taps.to_dense(), bias, stride, padding, dilation, groups=C))``.
 
     Args:
         x: ``[N, C, H, W]`` float32/float16/bfloat16, NCHW-contiguous or channels_last.
@@ -217,8 +223,8 @@ def dw_direct(x: torch.Tensor, taps: CompactTaps, bias: torch.Tensor | None, *, 
         raise TypeError(f"taps must be a CompactTaps, got {type(taps).__name__}")
     x, g, bias, act_code, y = prepare_conv(
         x, weight_name="taps", weight_tensors=(taps.tap_ptr, taps.tap_idx, taps.tap_val),
-        num_channels=taps.num_channels, kernel_size=taps.kernel_size, bias=bias, stride=stride, padding=padding,
-        dilation=dilation, act=act, backend=backend)
+        num_channels=taps.num_channels, kernel_size=taps.kernel_size, bias=bias, stride=stride,
+        padding=padding, dilation=dilation, act=act, backend=backend)
     if g.n == 0:
         return y
     if g.nhwc:

@@ -1,4 +1,4 @@
-"""Launcher of ``cuda/dw_dr.cu``: the paper's DR form (one compacted 32 x K'_g sub-GEMM per balanced range)."""
+"""Launcher of ``cuda/dw_dr.cu``: the paper's DR form, one compacted 32 x K'_g sub-GEMM per balanced range."""
 from __future__ import annotations
 
 import math
@@ -51,12 +51,12 @@ def dw_dr(x: torch.Tensor, cols: DRColumns, bias: torch.Tensor | None, *, stride
         raise ValueError(f"cols.group_size must be <= {_MAX_GROUP_SIZE}, got {cols.group_size}")
     smem = dr_static_smem_bytes(cols.group_size, cols.tile)
     if smem > _STATIC_SMEM_LIMIT:
-        raise ValueError(f"cols.group_size={cols.group_size} with cols.tile={cols.tile} needs {smem} bytes of "
-                         f"static shared memory (limit {_STATIC_SMEM_LIMIT}); use a smaller tile")
+        raise ValueError(f"cols.group_size={cols.group_size} with cols.tile={cols.tile} needs {smem} bytes "
+                         f"of static shared memory (limit {_STATIC_SMEM_LIMIT}); use a smaller tile")
     x, g, bias, act_code, y = prepare_conv(
         x, weight_name="cols", weight_tensors=(cols.col_ptr, cols.col_chan, cols.col_tap, cols.col_val),
-        num_channels=cols.num_channels, kernel_size=cols.kernel_size, bias=bias, stride=stride, padding=padding,
-        dilation=dilation, act=act, backend=backend)
+        num_channels=cols.num_channels, kernel_size=cols.kernel_size, bias=bias, stride=stride,
+        padding=padding, dilation=dilation, act=act, backend=backend)
     if g.n == 0:
         return y
     if cols.num_ranges > _MAX_GRID_YZ:

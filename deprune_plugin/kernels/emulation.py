@@ -56,7 +56,8 @@ def _wrapper(entry: str, kinds: Sequence[str]) -> str:
 #include <exception>
 static char deprune_emu_error_[512];
 extern "C" const char* deprune_emu_last_error() {{ return deprune_emu_error_; }}
-extern "C" int deprune_emu_{entry}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+extern "C" int deprune_emu_{entry}(unsigned gx, unsigned gy, unsigned gz,
+                                   unsigned bx, unsigned by, unsigned bz,
                                    unsigned long long smem, {params}) {{
     try {{
         emu_launch({entry}, dim3(gx, gy, gz), dim3(bx, by, bz), static_cast<std::size_t>(smem), {names});
@@ -89,7 +90,8 @@ def _build(src: KernelSource, entry: str, kinds: tuple[str, ...]) -> ctypes.CDLL
             cmd = [cxx, *_CXX_FLAGS, "-I", str(src.directory), "-o", str(tmp_lib), str(cpp)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise RuntimeError(f"host emulation build of {src.name} failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}")
+                raise RuntimeError(f"host emulation build of {src.name} failed:\n{' '.join(cmd)}\n"
+                                   f"{proc.stderr[-4000:]}")
             os.replace(tmp_lib, lib_path)
     return ctypes.CDLL(str(lib_path))
 

@@ -30,7 +30,8 @@ def cuda_dir() -> Path:
     env = os.environ.get("DEPRUNE_CUDA_DIR")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "cuda"
     if not path.is_dir():
-        raise FileNotFoundError(f"CUDA source directory {path} not found (set DEPRUNE_CUDA_DIR to the repo's cuda/ dir)")
+        raise FileNotFoundError(f"CUDA source directory {path} not found "
+                                "(set DEPRUNE_CUDA_DIR to the repository's cuda/ directory)")
     return path
 
 
@@ -66,7 +67,8 @@ def _specialize_cached(path: str, mtime_ns: int, defines: tuple[tuple[str, str],
     text = Path(path).read_text()
     header = "".join(f"#define {k} {v}\n" for k, v in defines)
     code = f"// specialisation of {Path(path).name}\n{header}{text}"
-    return KernelSource(Path(path).name, Path(path).parent, defines, code, hashlib.sha256(code.encode()).hexdigest())
+    digest = hashlib.sha256(code.encode()).hexdigest()
+    return KernelSource(Path(path).name, Path(path).parent, defines, code, digest)
 
 
 def specialize(name: str, defines: Mapping[str, object]) -> KernelSource:
@@ -82,7 +84,7 @@ def specialize(name: str, defines: Mapping[str, object]) -> KernelSource:
 
 
 class KernelArg(NamedTuple):
-    """One kernel argument: ``kind`` is ``"ptr"`` (device/host address, 0 for nullptr), ``"i32"`` or ``"f32"``."""
+    """One kernel argument: ``kind`` is ``"ptr"`` (address, 0 for nullptr), ``"i32"`` or ``"f32"``."""
 
     kind: str
     value: int | float
