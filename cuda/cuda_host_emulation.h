@@ -4,8 +4,9 @@
 // Model: a launch runs the grid's blocks ONE AT A TIME on blockDim.x*y*z OS threads created once per
 // launch. Every thread loops over all blocks; a barrier separates consecutive blocks, so `__shared__`
 // variables (mapped to function-local statics, shared by all threads) are reused safely. __syncthreads()
-// is a std::barrier over the block's threads, so a kernel that returns early before a barrier deadlocks
-// here exactly as it would misbehave on a GPU.
+// is a std::barrier over the block's threads (the same one as the block boundary). A kernel in which some
+// threads skip a __syncthreads (e.g. an early return) is invalid CUDA; here it desynchronises the barrier
+// phases and the launch hangs at its last barrier instead of silently passing.
 //
 // Never included by nvcc/NVRTC builds: the .cu files include it only when __CUDACC__ is undefined.
 #pragma once
@@ -16,8 +17,8 @@
 
 #include <math.h>  // expf, erff, fminf, fmaxf in the global namespace, as device code sees them
 
-#include <barrier>
 #include <algorithm>
+#include <barrier>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -132,7 +133,9 @@ inline __half __float2half(float f) {
 }
 inline __half __float2half_rn(float f) { return __float2half(f); }
 
-inline float __bfloat162float(__nv_bfloat16 b) { return deprune_emu_bits_to_float(static_cast<std::uint32_t>(b.x) << 16); }
+inline float __bfloat162float(__nv_bfloat16 b) {
+    return deprune_emu_bits_to_float(static_cast<std::uint32_t>(b.x) << 16);
+}
 
 // Round-to-nearest-even, like CUDA's __float2bfloat16 / __float2bfloat16_rn.
 inline __nv_bfloat16 __float2bfloat16(float f) {

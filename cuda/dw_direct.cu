@@ -152,7 +152,8 @@ extern "C" __global__ void __launch_bounds__(256, 2) deprune_dw_direct(
 #pragma unroll
     for (int r = 0; r < DEPRUNE_ROWS; ++r) {
         const int oy = oy0 + ly0 + r;
-        if (oy < OH && ox < OW) deprune_store(yp + static_cast<long long>(oy) * OW + ox, deprune_activate(acc[r] + b, act));
+        if (oy < OH && ox < OW)
+            deprune_store(yp + static_cast<long long>(oy) * OW + ox, deprune_activate(acc[r] + b, act));
     }
 #else
     // ---------------------------------------------------------------------------------------------

@@ -121,13 +121,21 @@ def _nvrtc_compile(code: str, options: list[str]) -> tuple[int, str]:
     return rc, log.value.decode(errors="replace")
 
 
+def _nvrtc_major() -> int | None:
+    if NVRTC is None:
+        return None
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    NVRTC.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+    return major.value
+
+
 @pytest.mark.nvcc
 @pytest.mark.skipif(NVRTC is None, reason="libnvrtc not found (CUDA toolkit or nvidia-cuda-nvrtc wheel)")
 @pytest.mark.skipif(not nvrtc_include_dirs(), reason="cuda_fp16.h not found for NVRTC")
 @pytest.mark.parametrize("spec", SPECS, ids=[_id(s) for s in SPECS])
 def test_nvrtc_compiles_with_the_launcher_options(spec):
     _, src = spec
-    options = [*NVRTC_OPTIONS, *(f"-I{d}" for d in nvrtc_include_dirs())]
+    options = [*NVRTC_OPTIONS, *(f"-I{d}" for d in nvrtc_include_dirs(_nvrtc_major()))]
     for arch in ARCHS:
         rc, log = _nvrtc_compile(src.code, [*options, f"-arch=compute_{arch}"])
         assert rc == 0, log

@@ -15,6 +15,7 @@ during capture is not allowed).
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -57,19 +58,35 @@ def cupy_available() -> tuple[bool, str]:
     return True, f"cupy {cupy.__version__}"
 
 
-def nvrtc_include_dirs() -> list[str]:
-    """Directories holding ``cuda_fp16.h`` / ``cuda_bf16.h``, which NVRTC does not ship built in:
-    ``$CUDA_PATH``/``$CUDA_HOME``, ``/usr/local/cuda``, and the ``nvidia`` pip wheels' include dirs."""
-    candidates = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    dirs = [str(Path(c) / "include") for c in candidates if c]
-    for entry in sys.path:  # nvidia-cuda-runtime / nvidia-cuda-nvrtc wheels (CUDA 12: cuda_runtime, 13: cu13)
+def _cudart_major(include_dir: Path) -> int | None:
+    """CUDA major version of the headers in ``include_dir`` (from ``CUDART_VERSION``), if readable."""
+    try:
+        text = (include_dir / "cuda_runtime_api.h").read_text(errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"#define\s+CUDART_VERSION\s+(\d+)", text)
+    return int(m.group(1)) // 1000 if m else None
+
+
+def nvrtc_include_dirs(cuda_major: int | None = None) -> list[str]:
+    """One directory holding ``cuda_fp16.h`` / ``cuda_bf16.h``, which NVRTC does not ship built in.
+
+    Candidates: ``$CUDA_PATH``, ``$CUDA_HOME``, ``/usr/local/cuda`` and the ``nvidia`` pip wheels (CUDA 13:
+    ``nvidia/cu13``, CUDA 12: ``nvidia/cuda_runtime``). With ``cuda_major`` (NVRTC's major version) headers of
+    that CUDA major are preferred, since the fp16/bf16 headers are tied to their compiler release.
+    """
+    roots = [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    dirs = [Path(r) / "include" for r in roots if r]
+    for entry in sys.path:
         base = Path(entry) / "nvidia"
-        dirs += [str(base / sub / "include") for sub in ("cu13", "cuda_runtime", "cuda_nvrtc")]
-    seen: list[str] = []
+        dirs += [base / sub / "include" for sub in ("cu13", "cuda_runtime", "cuda_nvrtc")]
+    found: list[Path] = []
     for d in dirs:
-        if d not in seen and (Path(d) / "cuda_fp16.h").is_file():
-            seen.append(d)
-    return seen[:1]  # one consistent set of headers
+        if d not in found and (d / "cuda_fp16.h").is_file() and (d / "cuda_bf16.h").is_file():
+            found.append(d)
+    if cuda_major is not None:
+        found.sort(key=lambda d: _cudart_major(d) != cuda_major)  # stable: matching major first
+    return [str(d) for d in found[:1]]
 
 
 def _kernel(src: KernelSource, entry: str, device_index: int):
@@ -79,7 +96,8 @@ def _kernel(src: KernelSource, entry: str, device_index: int):
         kernel = _KERNELS.get(key)
         if kernel is None:
             cupy = _import_cupy()
-            options = NVRTC_OPTIONS + tuple(f"-I{d}" for d in nvrtc_include_dirs())
+            major = cupy.cuda.nvrtc.getVersion()[0]
+            options = NVRTC_OPTIONS + tuple(f"-I{d}" for d in nvrtc_include_dirs(major))
             with cupy.cuda.Device(device_index):
                 module = cupy.RawModule(code=src.code, options=options, backend="nvrtc")
                 # get_function compiles and loads the module now; reading an attribute forces the

@@ -136,6 +136,9 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
                          f"padding {(ph, pw)}, dilation {(dh, dw)}")
     if n > _MAX_GRID_YZ:
         raise ValueError(f"batch size {n} exceeds {_MAX_GRID_YZ} (one grid z slice per image)")
+    if max(c * h * w, c * oh * ow) >= 2**31:
+        raise ValueError(f"one image of {c}x{h}x{w} (output {c}x{oh}x{ow}) exceeds 2^31 elements; the kernels "
+                         "index inside an image with 32-bit ints")
 
     channels_last = x.is_contiguous(memory_format=torch.channels_last)
     if channels_last and (not x.is_contiguous() or x.stride(1) < x.stride(3)):
