@@ -339,6 +339,8 @@ def run_prune(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     if s.note:
         say(f"note: {s.note}")
+    if args.checkpoint is None and not s.pretrain_epochs:
+        say("note: no --checkpoint and no pre-training: pruning random weights")
     model, pruner, dev, q = s.model, s.pruner, s.device, args.quiet
     say(f"{args.source}/{args.model}: {s.num_classes} classes, {len(s.train_loader.dataset)} training / "
         f"{len(s.test_loader.dataset)} test images of {args.image_size}x{args.image_size}, device {dev}")

@@ -27,12 +27,11 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CIFAR_DIR = "cifar-10-batches-py"
 
 
-def _check_args(image_size: int, batch_size: int, limit: int | None) -> None:
-    for value, name in ((image_size, "image_size"), (batch_size, "batch_size")):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+def _check_positive(value: object, name: str, none_ok: bool = False) -> None:
+    if none_ok and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int{' or None' if none_ok else ''}, got {value!r}")
 
 
 def _split_indices(labels: Sequence[int], seed: int) -> tuple[list[int], list[int]]:
@@ -135,7 +134,8 @@ def make_datasets(data: str = DIGITS, image_size: int = 32, limit: int | None = 
     Raises:
         ValueError: bad argument, or a folder that is missing or unreadable (the message names the path).
     """
-    _check_args(image_size, 1, limit)
+    _check_positive(image_size, "image_size")
+    _check_positive(limit, "limit", none_ok=True)
     if data == DIGITS:
         return digits_datasets(image_size, limit, seed)
     path = os.fspath(data)
@@ -167,7 +167,7 @@ def make_loaders(data: str = DIGITS, image_size: int = 32, batch_size: int = 64,
     Raises:
         ValueError: see :func:`make_datasets`.
     """
-    _check_args(image_size, batch_size, limit)
+    _check_positive(batch_size, "batch_size")
     train, test, n = make_datasets(data, image_size, limit, seed)
     gen = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen, num_workers=num_workers)

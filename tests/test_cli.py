@@ -181,3 +181,59 @@ def test_cuda_without_gpu_is_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "CUDA" in err and not list(tmp_path.iterdir())
+
+
+def _image_tree(root: Path, classes: int = 3, per_class: int = 6) -> Path:
+    """Tiny PNGs in ``root/<class>/``, each class a different grey level."""
+    from PIL import Image
+
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (12, 10), (40 * c + i, 40 * c, 40 * c)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_make_loaders_imagefolder_layouts(tmp_path):
+    from deprune_plugin.data import make_loaders
+
+    single = _image_tree(tmp_path / "single")
+    train, test, n = make_loaders(str(single), image_size=16, batch_size=4, seed=1)
+    assert n == 3 and len(train.dataset) + len(test.dataset) == 18 and len(test.dataset) == 3  # 20% per class
+    x, y = next(iter(train))
+    assert x.shape == (4, 3, 16, 16) and y.dtype == torch.int64
+    again = make_loaders(str(single), image_size=16, batch_size=4, seed=1)[1]
+    assert list(again.dataset.indices) == list(test.dataset.indices)  # the split is seeded
+
+    split = tmp_path / "split"
+    _image_tree(split / "train")
+    _image_tree(split / "val", per_class=2)
+    train, test, n = make_loaders(str(split), image_size=16, batch_size=4, limit=5)
+    assert n == 3 and len(train.dataset) == 5 and len(test.dataset) == 5
+
+
+def test_make_loaders_digits_is_deterministic():
+    from deprune_plugin.data import make_loaders
+
+    a_train, a_test, n = make_loaders(limit=50, seed=3)
+    b_train, b_test, _ = make_loaders(limit=50, seed=3)
+    assert n == 10 and len(a_train.dataset) == 50 and len(a_test.dataset) == 50
+    assert torch.equal(a_test.dataset.tensors[0], b_test.dataset.tensors[0])
+    x, _ = next(iter(a_train))
+    assert x.shape == (64 if len(a_train.dataset) >= 64 else 50, 3, 32, 32)
+
+
+def test_prune_on_an_imagefolder_tree(tmp_path, capsys):
+    """``--data PATH`` end to end (in-process): no pre-training by default there, one epoch asked for."""
+    data = tmp_path / "data"
+    _image_tree(data / "train")
+    _image_tree(data / "val", per_class=2)
+    code = main(["prune", "--data", str(data), "--model", "mobilenetv3_small_050", "--image-size", "32",
+                 "--pretrain-epochs", "1", "--finetune-epochs", "1", "--latency-reps", "2", "--latency-batch", "2",
+                 "--quiet", "--device", "cpu", "--out", str(tmp_path / "m.pt")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert load_extra(tmp_path / "m.pt")["args"]["data"] == str(data)
+    model = load(tmp_path / "m.pt").eval()  # (load traces with autograd: not under no_grad)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
