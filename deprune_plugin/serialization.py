@@ -72,8 +72,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> n
     arch = payload["arch"]
     model = build_model(arch["source"], arch["name"], **arch.get("kwargs", {}))
     model.eval()
-    DG = tp.DependencyGraph().build_dependency(model, example_inputs=(torch.zeros(*payload["input_shape"]),))
-    DG.load_pruning_history(_plain_history(payload["history"]))
+    with torch.enable_grad():  # torch-pruning traces with autograd; load() may be called under no_grad
+        DG = tp.DependencyGraph().build_dependency(model, example_inputs=(torch.zeros(*payload["input_shape"]),))
+        DG.load_pruning_history(_plain_history(payload["history"]))
     run_fixups(model)
     install_mask_hooks_from_state(model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
