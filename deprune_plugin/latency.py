@@ -6,24 +6,12 @@ them alike; each sample is one call. CUDA samples use events on the current stre
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-
-def _sample(fn: Callable[[], object], cuda: bool) -> float:
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+from .kernels.dispatch import default_timer
 
 
 @torch.inference_mode()
@@ -43,10 +31,11 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: in
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
+    device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         torch.cuda.synchronize()
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in tqdm(range(reps), desc=desc, disable=quiet, leave=False):
         for name, fn in candidates.items():
-            samples[name].append(_sample(fn, cuda))
+            samples[name].append(default_timer(fn, device))
     return {k: statistics.median(v) for k, v in samples.items()}
