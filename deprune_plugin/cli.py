@@ -461,8 +461,9 @@ def _print_inspect(rep: dict[str, Any]) -> None:
                   f"DW ratio {m.get('dw_ratio', 0):.2%} (HSR DW {m.get('dw_hsr', '-')}, PW {m.get('pw_hsr', '-')})")
     a = rep["args"]
     if a:
-        print("made with: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in a.items()
-                                       if k not in ("command",) and v not in (None, False)))
+        flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in a.items()
+                 if k != "command" and v is not None and v is not False]
+        print("made with: deprune prune " + " ".join(flags))
 
 
 def run_inspect(args: argparse.Namespace) -> int:
