@@ -1,25 +1,26 @@
-"""deprune_plugin: DEPrune (NeurIPS 2024) for torch-pruning.
+"""deprune_plugin: DEPrune (NeurIPS 2024) for torch-pruning, and fast inference for what it prunes.
 
 Public API::
 
     from deprune_plugin import DEPruner, DEPruneImportance, accelerate, save, load
 
-Importing the package also registers ``tp.pruner.DEPruner`` and ``tp.importance.DEPruneImportance``.
+Importing the package also registers ``tp.pruner.DEPruner`` and ``tp.importance.DEPruneImportance`` in
+torch-pruning (done by :mod:`deprune_plugin.tp_glue`).
+
+Layout (arrows point one way; a test reads every import and enforces them):
+``core`` (torch only) <- ``tp_glue`` (the only importer of torch_pruning) <- ``app`` (the ``deprune`` command),
+and ``core`` <- ``kernels`` <- ``accel`` <- ``app``. This file is the one public face.
 """
 from __future__ import annotations
 
-import torch_pruning as tp
-
 from .accel import AccelerateConfig, accelerate
-from .importance import DEPruneImportance
-from .masks import remove_tap_masks, tap_mask
-from .pruner import VARIANTS, DEPruner
-from .serialization import load, save
-from .summary import LayerRow, Summary
+from .core.masks import remove_tap_masks, tap_mask
+from .core.summary import LayerRow, Summary
+from .tp_glue.importance import DEPruneImportance
+from .tp_glue.pruner import VARIANTS, DEPruner
+from .tp_glue.serialization import load, save
 
 __version__ = "0.1.0"
 
-tp.pruner.DEPruner = DEPruner
-tp.importance.DEPruneImportance = DEPruneImportance
-
-__all__ = ["DEPruner", "DEPruneImportance", "accelerate", "AccelerateConfig", "save", "load", "VARIANTS", "Summary", "LayerRow", "tap_mask", "remove_tap_masks"]
+__all__ = ["DEPruner", "DEPruneImportance", "accelerate", "AccelerateConfig", "save", "load", "VARIANTS",
+           "Summary", "LayerRow", "tap_mask", "remove_tap_masks"]

@@ -1,4 +1,4 @@
 """``python -m deprune_plugin ...`` runs the ``deprune`` command."""
-from .cli import main
+from .app.cli import main
 
 raise SystemExit(main())

@@ -11,7 +11,7 @@ zero on every replica. At the end rank 0 prints two check lines (parsed by tests
     check: pruned taps exactly zero: True (...)
     check: replicas identical: True (...)
 
-and saves the fine-tuned model (rebuildable with ``deprune_plugin.serialization.load``).
+and saves the fine-tuned model (rebuildable with ``deprune_plugin.tp_glue.serialization.load``).
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from deprune_plugin import DEPruner
-from deprune_plugin.data import make_datasets
-from deprune_plugin.masks import masked_convs, tap_mask
-from deprune_plugin.serialization import load, save
-from deprune_plugin.training import reinit_classifier_
-from deprune_plugin.zoo import build_model, classifier_of
+from deprune_plugin.app.data import make_datasets
+from deprune_plugin.core.masks import masked_convs, tap_mask
+from deprune_plugin.tp_glue.serialization import load, save
+from deprune_plugin.app.training import reinit_classifier_
+from deprune_plugin.core.zoo import build_model, classifier_of
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def load_or_build(args: argparse.Namespace) -> tuple[nn.Module, dict]:
     """The pruned model and what :func:`save` needs to write it again (arch, history, input shape)."""
     if args.model_file:
         model = load(args.model_file)
-        # The rebuild recipe of a deprune-v1 file (see deprune_plugin.serialization): plain data.
+        # The rebuild recipe of a deprune-v1 file (see deprune_plugin.tp_glue.serialization): plain data.
         payload = torch.load(args.model_file, map_location="cpu", weights_only=True)
         if "arch" not in payload:
             raise SystemExit(f"{args.model_file} was saved without arch=; cannot re-save it rebuildable")

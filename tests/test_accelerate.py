@@ -11,8 +11,8 @@ import torch.nn as nn
 from deprune_plugin import DEPruner, accelerate
 from deprune_plugin.accel import AccelerateConfig, FastDWConv, memory_report
 from deprune_plugin.accel.fold import fold_bn
-from deprune_plugin.masks import tap_mask
-from deprune_plugin.zoo import build_model, classifier_of
+from deprune_plugin.core.masks import tap_mask
+from deprune_plugin.core.zoo import build_model, classifier_of
 
 MODELS = [("timm", "mobilenetv2_100"), ("timm", "mobilenetv3_small_100"), ("timm", "mobilenetv3_large_100"),
           ("timm", "efficientnet_b0"), ("timm", "convnext_atto"), ("timm", "mixnet_s"),

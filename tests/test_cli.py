@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from deprune_plugin.cli import main
-from deprune_plugin.masks import masked_convs, tap_mask
-from deprune_plugin.method import real_ratio
-from deprune_plugin.serialization import load, load_extra
+from deprune_plugin.app.cli import main
+from deprune_plugin.core.masks import masked_convs, tap_mask
+from deprune_plugin.core.method import real_ratio
+from deprune_plugin.tp_glue.serialization import load, load_extra
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--limit", "200", "--image-size", "32", "--pretrain-epochs", "1", "--finetune-epochs", "1",
@@ -195,7 +195,7 @@ def _image_tree(root: Path, classes: int = 3, per_class: int = 6) -> Path:
 
 
 def test_make_loaders_imagefolder_layouts(tmp_path):
-    from deprune_plugin.data import make_loaders
+    from deprune_plugin.app.data import make_loaders
 
     single = _image_tree(tmp_path / "single")
     train, test, n = make_loaders(str(single), image_size=16, batch_size=4, seed=1)
@@ -213,7 +213,7 @@ def test_make_loaders_imagefolder_layouts(tmp_path):
 
 
 def test_make_loaders_digits_is_deterministic():
-    from deprune_plugin.data import make_loaders
+    from deprune_plugin.app.data import make_loaders
 
     a_train, a_test, n = make_loaders(limit=50, seed=3)
     b_train, b_test, _ = make_loaders(limit=50, seed=3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deprune_plugin.accel.compact import CompactTaps, DRColumns
+from deprune_plugin.kernels.formats import CompactTaps, DRColumns
 
 
 def _weight_and_mask(c: int, kh: int, kw: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from deprune_plugin import DEPruner
-from deprune_plugin.masks import masked_convs, tap_mask
-from deprune_plugin.serialization import load, save
-from deprune_plugin.zoo import build_model, classifier_of
+from deprune_plugin.core.masks import masked_convs, tap_mask
+from deprune_plugin.tp_glue.serialization import load, save
+from deprune_plugin.core.zoo import build_model, classifier_of
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "finetune_ddp.py"

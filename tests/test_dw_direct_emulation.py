@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deprune_plugin.accel.compact import CompactTaps
+from deprune_plugin.kernels.formats import CompactTaps
 from deprune_plugin.kernels import ACTIVATIONS, dw_direct, emulation_available
 from deprune_plugin.kernels.sources import EMULATION_HEADER, cuda_dir
 
@@ -236,8 +236,7 @@ def test_kernel_mutation_is_caught(tmp_path, monkeypatch, old, new, count, case,
     source = (cuda_dir() / "dw_direct.cu").read_text()
     assert source.count(old) == count, "mutation no longer matches the kernel source; update MUTATIONS"
     mutated = tmp_path / "cuda"
-    mutated.mkdir()
-    shutil.copy(cuda_dir() / EMULATION_HEADER, mutated / EMULATION_HEADER)
+    shutil.copytree(cuda_dir(), mutated)
     (mutated / "dw_direct.cu").write_text(source.replace(old, new))
     monkeypatch.setenv("DEPRUNE_CUDA_DIR", str(mutated))
     for layout in layouts:

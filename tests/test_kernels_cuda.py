@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deprune_plugin.accel.compact import CompactTaps, DRColumns
+from deprune_plugin.kernels.formats import CompactTaps, DRColumns
 from deprune_plugin.kernels import cupy_available, dw_direct, dw_dr
 
 

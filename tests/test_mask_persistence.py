@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from deprune_plugin import DEPruner, remove_tap_masks
-from deprune_plugin.masks import masked_convs, tap_mask
-from deprune_plugin.serialization import load, save
+from deprune_plugin.core.masks import masked_convs, tap_mask
+from deprune_plugin.tp_glue.serialization import load, save
 
 X = torch.randn(4, 3, 32, 32)
 

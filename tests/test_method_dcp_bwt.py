@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deprune_plugin.method import bwt_keep_mask, dcp_keep_mask, kept_per_range, range_ratios, real_ratio
+from deprune_plugin.core.method import bwt_keep_mask, dcp_keep_mask, kept_per_range, range_ratios, real_ratio
 
 
 def test_dcp_prunes_floor_of_ratio_smallest_magnitudes():

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from deprune_plugin.method import bwt_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range, tile_cost_alpha
+from deprune_plugin.core.method import bwt_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range, tile_cost_alpha
 
 
 def test_cost_model_alpha():
@@ -54,7 +54,8 @@ def test_apply_over_and_under_on_a_real_mask():
             assert w.abs()[s:s + 32][restored[s:s + 32]].min() >= w.abs()[s:s + 32][pruned & ~up[s:s + 32]].max()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
+@example(n_layers=2, seed=2, ratio=0.8984375)  # both layers at K' = 30: neither can go down
 @given(n_layers=st.integers(1, 12), seed=st.integers(0, 10_000), ratio=st.floats(0.3, 0.9))
 def test_property_aligned_after_hsr(n_layers, seed, ratio):
     gen = torch.Generator().manual_seed(seed)
@@ -63,7 +64,10 @@ def test_property_aligned_after_hsr(n_layers, seed, ratio):
     keeps = [bwt_keep_mask(w.abs(), ratio, 32) for w in ws]
     plan = hsr_plan([kept_per_range(k, 32)[0] for k in keeps], 32, [32 * w[0].numel() for w in ws])
     unaligned = [d for d in plan if d.mark != "-"]
-    assert sum(d.mark == "o" for d in plan) == len(unaligned) // 2
+    # half go down, except that a range with K' < tile (q == 0) cannot go down without emptying itself
+    can_go_down = sum(d.kept // 32 > 0 for d in unaligned)
+    assert sum(d.mark == "o" for d in plan) == min(len(unaligned) // 2, can_go_down)
+    assert all(d.mark == "u" for d in unaligned if d.kept < 32)
     for w, k, d in zip(ws, keeps, plan):
         new = hsr_apply(w.abs(), k, torch.ones_like(k), d.new_kept, 32) if d.mark != "-" else k
         assert all(x % 32 == 0 or x == 32 * w[0].numel() for x in kept_per_range(new, 32))

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 
 from deprune_plugin import DEPruner
-from deprune_plugin.masks import is_depthwise, tap_mask
-from deprune_plugin.method import kept_per_range
-from deprune_plugin.zoo import build_model, classifier_of
+from deprune_plugin.core.masks import is_depthwise, tap_mask
+from deprune_plugin.core.method import kept_per_range
+from deprune_plugin.core.zoo import build_model, classifier_of
 
 MODELS = [("timm", "mobilenetv2_100"), ("timm", "mobilenetv3_small_100"), ("timm", "mobilenetv3_large_100"),
           ("timm", "efficientnet_b0"), ("timm", "convnext_base"), ("timm", "mixnet_s"),

@@ -11,8 +11,8 @@ import torch_pruning as tp
 
 import deprune_plugin
 from deprune_plugin import DEPruneImportance, DEPruner
-from deprune_plugin.masks import is_depthwise, tap_mask
-from deprune_plugin.method import kept_per_range
+from deprune_plugin.core.masks import is_depthwise, tap_mask
+from deprune_plugin.core.method import kept_per_range
 
 X = torch.randn(2, 3, 64, 64)
 
@@ -224,7 +224,7 @@ def test_summary_rows_and_sparse_macs():
     assert (r.name, r.kernel, r.channels, r.kept_per_range) == ("blocks.1.0.conv_dw", (3, 3), 96, [64, 64, 64])
     assert (r.pw_before, r.pw_after) == (24, 12) and r.real_ratio == pytest.approx(224 / 288)
     # MACs of one DW layer count kept taps only: blocks.1.0 at 64x64 input -> 16x16 output, 192 kept taps
-    from deprune_plugin.macs import count_cost
+    from deprune_plugin.core.cost import count_cost
     dense = count_cost(mbv2(), (X,)).macs
     assert s.before.macs == dense and s.after.macs < dense
     pruned_taps = sum(r.channels * 9 - sum(r.kept_per_range) for r in s)

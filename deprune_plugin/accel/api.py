@@ -14,8 +14,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..masks import is_depthwise, tap_mask
-from .fold import Chain, activation_name, find_chains, fold_bn, trace_calls
+from ..core.masks import is_depthwise, tap_mask
+from ..kernels.activations import activation_of_module
+from .fold import Chain, find_chains, fold_bn, trace_calls
 from .modules import FastDWConv
 
 BACKENDS = ("auto", "cupy", "torch")
@@ -180,7 +181,7 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
         if ch.bn is not None:
             weight, bias = fold_bn(weight * keep, bias, ch.bn)
         act_mod = ch.inner_act if ch.inner_act is not None else ch.act
-        act = activation_name(act_mod)
+        act = activation_of_module(act_mod)
         if not dw:
             conv.weight = nn.Parameter(weight, requires_grad=False)
             conv.bias = nn.Parameter(bias, requires_grad=False)

@@ -11,21 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
-                                nn.Identity: "identity"}
-
-
-def activation_name(m: nn.Module | None) -> str | None:
-    """Kernel epilogue name of an activation module, or ``None`` if the kernels cannot fuse it."""
-    if m is None:
-        return "identity"
-    if isinstance(m, nn.GELU):
-        return "gelu" if m.approximate == "none" else None
-    for cls, name in ACTIVATIONS.items():
-        if type(m) is cls:
-            return name
-    return None
-
+from ..kernels.activations import activation_of_module
 
 @dataclass
 class Call:
@@ -109,7 +95,7 @@ def find_chains(tr: Trace, convs: list[nn.Conv2d]) -> dict[nn.Conv2d, Chain]:
             else:
                 after = tr.next_call(ch.bn)
                 if after is not None and after.inp is nxt.out and tr.count.get(after.module) == 1 \
-                        and activation_name(after.module) is not None and not isinstance(after.module, nn.Identity):
+                        and activation_of_module(after.module) is not None and not isinstance(after.module, nn.Identity):
                     ch.act = after.module
         chains[conv] = ch
     return chains

@@ -5,16 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compact import CompactTaps, DRColumns
-
-_ACT_FN = {
-    "identity": lambda y: y,
-    "relu": F.relu,
-    "relu6": F.relu6,
-    "silu": F.silu,
-    "hardswish": F.hardswish,
-    "gelu": F.gelu,
-}
+from ..kernels.activations import ACTIVATIONS, apply_activation
+from ..kernels.formats import CompactTaps, DRColumns
 
 
 class FastDWConv(nn.Module):
@@ -25,7 +17,7 @@ class FastDWConv(nn.Module):
         bias: folded bias ``[C]``.
         keep: bool keep mask ``[C, 1, kh, kw]``.
         stride, padding, dilation: as in the original conv (``padding`` as a pair of ints).
-        act: epilogue activation name (see :data:`_ACT_FN`).
+        act: epilogue activation name (a key of :data:`deprune_plugin.kernels.ACTIVATIONS`).
         backend: ``"torch"`` (dense conv on masked weights, channels_last) or ``"cupy"`` (CUDA kernels via
             CuPy on CUDA inputs, chosen per input shape by measurement among dense / direct / DR).
         group_size, tile: DR balanced range and K tile.
@@ -37,8 +29,8 @@ class FastDWConv(nn.Module):
                  padding: tuple[int, int], dilation: tuple[int, int], act: str, backend: str = "torch",
                  group_size: int = 32, tile: int = 32) -> None:
         super().__init__()
-        if act not in _ACT_FN:
-            raise ValueError(f"act must be one of {sorted(_ACT_FN)}, got {act!r}")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
         self.register_buffer("weight", weight.detach().clone().contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", bias.detach().clone())
         self.register_buffer("keep", keep.detach().to(torch.bool).clone())
@@ -59,7 +51,7 @@ class FastDWConv(nn.Module):
         """Reference path: dense conv on the masked weight, then the activation."""
         y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding, self.dilation,
                      self.groups)
-        return _ACT_FN[self.act](y)
+        return apply_activation(self.act, y)
 
     def _kernel_dispatcher(self):
         if self._dispatcher is None:

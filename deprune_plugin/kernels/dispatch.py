@@ -7,11 +7,12 @@ over its candidate callables and caches the winner per input signature.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping
 
 import torch
+
+from ..core.timing import time_call
 
 __all__ = ["Choice", "KernelDispatcher", "Timer", "default_timer", "dispatch_key"]
 
@@ -20,19 +21,8 @@ Timer = Callable[[Callable[[], Any], torch.device], float]
 
 
 def default_timer(fn: Callable[[], Any], device: torch.device) -> float:
-    """Seconds of one ``fn()`` call: CUDA events on the current stream for CUDA devices (the kernel
-    time, not the launch overhead alone), ``time.perf_counter`` otherwise."""
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    """Device seconds of one ``fn()`` call (:func:`deprune_plugin.core.timing.time_call`)."""
+    return time_call(fn, device).device_s
 
 
 def _memory_format(x: torch.Tensor) -> str:

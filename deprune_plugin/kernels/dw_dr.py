@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from ..accel.compact import DRColumns
-from .dw_direct import prepare_conv, run_kernel
+from .formats import DRColumns
+from .launch import MAX_GRID_YZ, prepare_conv, run_kernel
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
 __all__ = ["dw_dr", "dr_static_smem_bytes"]
@@ -15,7 +15,6 @@ _THREADS_PER_AXIS = 16      # DR_T in cuda/dw_dr.cu: the CTA is 16 x 16 threads
 POSITIONS_PER_THREAD = 4    # DEPRUNE_DR_PN: a CTA covers 16 * 4 = 64 output positions
 _STATIC_SMEM_LIMIT = 48 * 1024
 _MAX_GROUP_SIZE = 128       # DR_RM = group_size / 16 rows of accumulators per thread
-_MAX_GRID_YZ = 65535
 
 
 def dr_static_smem_bytes(group_size: int, tile: int) -> int:
@@ -59,8 +58,8 @@ def dw_dr(x: torch.Tensor, cols: DRColumns, bias: torch.Tensor | None, *, stride
         padding=padding, dilation=dilation, act=act, backend=backend)
     if g.n == 0:
         return y
-    if cols.num_ranges > _MAX_GRID_YZ:
-        raise ValueError(f"{cols.num_ranges} balanced ranges exceed the launch grid limit ({_MAX_GRID_YZ})")
+    if cols.num_ranges > MAX_GRID_YZ:
+        raise ValueError(f"{cols.num_ranges} balanced ranges exceed the launch grid limit ({MAX_GRID_YZ})")
     positions = _THREADS_PER_AXIS * POSITIONS_PER_THREAD
     grid = (math.ceil(g.oh * g.ow / positions), cols.num_ranges, g.n)
     block = (_THREADS_PER_AXIS, _THREADS_PER_AXIS, 1)

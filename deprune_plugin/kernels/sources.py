@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -62,9 +63,34 @@ class KernelSource:
     hash: str
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"[ \t]*$', re.M)
+
+
+def _inline_headers(text: str, directory: Path, seen: set[str]) -> str:
+    """Replace ``#include "x.cuh"`` of the project's own headers with their text (once each), so the
+    specialised source is self-contained for NVRTC and nvcc. The emulation header stays an include: the
+    GPU builds never reach it, and the emulation build passes ``-I`` for it."""
+    def repl(m: re.Match) -> str:
+        name = m.group(1)
+        if name == EMULATION_HEADER:
+            return m.group(0)
+        if name in seen:
+            return f"// {name} already inlined"
+        path = directory / name
+        if not path.is_file():
+            raise FileNotFoundError(f"kernel header {path} (included by a .cu file) not found")
+        seen.add(name)
+        return f"// ---- begin {name}\n{_inline_headers(path.read_text(), directory, seen)}// ---- end {name}"
+    return _LOCAL_INCLUDE.sub(repl, text)
+
+
+def _mtimes(directory: Path) -> tuple[int, ...]:
+    return tuple(p.stat().st_mtime_ns for p in sorted(directory.glob("*.cu*")))
+
+
 @lru_cache(maxsize=256)
-def _specialize_cached(path: str, mtime_ns: int, defines: tuple[tuple[str, str], ...]) -> KernelSource:
-    text = Path(path).read_text()
+def _specialize_cached(path: str, mtimes: tuple[int, ...], defines: tuple[tuple[str, str], ...]) -> KernelSource:
+    text = _inline_headers(Path(path).read_text(), Path(path).parent, set())
     header = "".join(f"#define {k} {v}\n" for k, v in defines)
     code = f"// specialisation of {Path(path).name}\n{header}{text}"
     digest = hashlib.sha256(code.encode()).hexdigest()
@@ -72,7 +98,8 @@ def _specialize_cached(path: str, mtime_ns: int, defines: tuple[tuple[str, str],
 
 
 def specialize(name: str, defines: Mapping[str, object]) -> KernelSource:
-    """Read ``cuda_dir() / name`` and prepend ``#define``s; cached per (path, mtime, defines)."""
+    """Read ``cuda_dir() / name``, inline the project headers it includes and prepend ``#define``s; cached
+    per (path, modification times of the sources, defines)."""
     path = cuda_dir() / name
     if not path.is_file():
         raise FileNotFoundError(f"kernel source {path} not found")
@@ -80,7 +107,7 @@ def specialize(name: str, defines: Mapping[str, object]) -> KernelSource:
         if not k.isidentifier():
             raise ValueError(f"invalid define name {k!r}")
     items = tuple(sorted((str(k), str(v)) for k, v in defines.items()))
-    return _specialize_cached(str(path), path.stat().st_mtime_ns, items)
+    return _specialize_cached(str(path), _mtimes(path.parent), items)
 
 
 class KernelArg(NamedTuple):

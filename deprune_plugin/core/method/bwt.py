@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .dcp import _check_ratio, n_to_prune, prune_lowest
+from ..checks import check_ratio
+from .dcp import n_to_prune, prune_lowest
 from .ranges import range_bounds
 
 
@@ -25,7 +26,7 @@ def bwt_keep_mask(scores: torch.Tensor, ratio: float, group_size: int = 32,
     Returns:
         bool keep mask shaped like ``scores``.
     """
-    _check_ratio(ratio)
+    check_ratio(ratio)
     if keep is None:
         keep = torch.ones_like(scores, dtype=torch.bool)
     out = keep.clone()

@@ -10,10 +10,7 @@ import math
 
 import torch
 
-
-def _check_ratio(ratio: float, name: str = "ratio") -> None:
-    if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {ratio!r}")
+from ..checks import check_ratio
 
 
 def n_to_prune(ratio: float, n: int) -> int:
@@ -48,7 +45,7 @@ def dcp_keep_mask(scores: torch.Tensor, ratio: float, keep: torch.Tensor | None 
     Returns:
         bool tensor shaped like ``scores``; ``True`` = tap kept.
     """
-    _check_ratio(ratio)
+    check_ratio(ratio)
     if keep is None:
         keep = torch.ones_like(scores, dtype=torch.bool)
     return prune_lowest(scores, keep, n_to_prune(ratio, scores.numel()))

@@ -14,10 +14,10 @@ import statistics
 import torch
 import torch.nn as nn
 
-from . import DEPruner, accelerate
-from .accel.modules import FastDWConv
-from .latency import interleaved_medians
-from .zoo import build_model, classifier_of
+from ..accel import FastDWConv, accelerate
+from ..core.timing import interleaved_medians
+from ..core.zoo import build_model, classifier_of
+from ..tp_glue.pruner import DEPruner
 
 PAPER_RATIOS = {"mobilenetv2_100": (0.779, 0.527), "efficientnet_b0": (0.847, 0.620),
                 "mobilenetv3_small_100": (0.821, 0.700), "mobilenetv3_large_100": (0.770, 0.430)}
@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _copy_bandwidth(device: torch.device, mbytes: int = 256) -> float:
     x = torch.empty(mbytes * 2**20, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    t = interleaved_medians({"copy": lambda: y.copy_(x)}, reps=50, warmup=5, cuda=True)["copy"]
+    t = interleaved_medians({"copy": lambda: y.copy_(x)}, reps=50, warmup=5, device=device, clock="device")["copy"]
     return 2 * x.numel() / t
 
 
@@ -55,7 +55,7 @@ def _per_layer(fast: nn.Module, x: torch.Tensor, copy_bw: float, reps: int) -> l
     for name, inp in inputs.items():
         mod = fast.get_submodule(name)
         out = mod(inp)
-        t = interleaved_medians({"layer": lambda: mod(inp)}, reps=reps, warmup=3, cuda=True)["layer"]
+        t = interleaved_medians({"layer": lambda: mod(inp)}, reps=reps, warmup=3, device=x.device, clock="device")["layer"]
         nbytes = inp.numel() * inp.element_size() + out.numel() * out.element_size() + int(mod.keep.sum()) * 4
         rows.append({"layer": name, "us": t * 1e6, "GBps": nbytes / t / 1e9, "pct_copy_bw": 100 * nbytes / t / copy_bw})
     return rows
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> dict:
         for bs in args.batch:
             x = torch.randn(bs, 3, args.image_size, args.image_size, device=device)
             t = interleaved_medians({"unpruned eager NCHW": lambda: dense(x), "pruned": lambda: pruned(x),
-                                     "accelerate(pruned)": lambda: fast(x)}, reps=args.reps, warmup=3, cuda=cuda,
+                                     "accelerate(pruned)": lambda: fast(x)}, reps=args.reps, warmup=3, device=device,
                                     quiet=args.quiet, desc=f"{name} bs{bs}")
             base = t["unpruned eager NCHW"]
             entry = {"model": name, "dw": dw, "pw": pw, "batch": bs,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .macs import Cost
+from .cost import Cost
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from .summary import Summary
+from ..core.summary import Summary
 
 
 def _short(name: str) -> str:

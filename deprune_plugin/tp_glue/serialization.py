@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..core.masks import install_mask_hooks_from_state
+from ..core.zoo import build_model
 from .adapters import run_fixups
-from .masks import install_mask_hooks_from_state
-from .zoo import build_model
 
 FORMAT = "deprune-v1"
 

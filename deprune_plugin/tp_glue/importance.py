@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from .masks import is_depthwise, tap_mask
+from ..core.masks import is_depthwise, tap_mask
 
 
 class DEPruneImportance(tp.importance.Importance):

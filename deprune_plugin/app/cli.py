@@ -73,8 +73,8 @@ def _positive_float(text: str) -> float:
 
 
 def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
-    from .pruner import VARIANTS
-    from .zoo import SOURCES
+    from ..core.zoo import SOURCES
+    from ..tp_glue.pruner import VARIANTS
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="mobilenetv2_100", help="model name (default: %(default)s)")
@@ -206,7 +206,7 @@ def _load_checkpoint(model, path: str) -> str | None:
     state = _state_dict_from(obj, path)
     own = model.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    from .zoo import classifier_of
+    from ..core.zoo import classifier_of
 
     head = classifier_of(model)
     head_keys = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p in ("weight", "bias")}
@@ -242,10 +242,10 @@ class _PruneSetup:
 def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
     import torch
 
+    from ..core.zoo import build_model, classifier_of
+    from ..tp_glue.pruner import DEPruner
     from .data import DIGITS, make_loaders
-    from .pruner import DEPruner
     from .training import reinit_classifier_, resolve_device
-    from .zoo import build_model, classifier_of
 
     try:
         device = resolve_device(args.device)
@@ -285,38 +285,24 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
 
 
 # ---------------------------------------------------------------------------------------------- prune
-def _get_accelerate() -> Callable | None:
-    """The lead's ``accelerate`` when installed, else None."""
-    try:
-        from . import accelerate  # type: ignore[attr-defined]
-        return accelerate
-    except ImportError:
-        try:
-            from .accel import accelerate
-            return accelerate
-        except ImportError:
-            return None
-
-
 def _measure_latency(dense, pruned, args: argparse.Namespace, device) -> tuple[dict[str, float], str | None]:
     """Median ms per batch of the dense copy, the pruned model and (when available) accelerate(pruned)."""
     import torch
 
-    from .latency import interleaved_medians
+    from ..accel import accelerate
+    from ..core.timing import interleaved_medians
 
     x = torch.randn(args.latency_batch, 3, args.image_size, args.image_size, device=device)
     dense.to(device).eval()
     pruned.to(device).eval()
     fns = {"before": lambda: dense(x), "after": lambda: pruned(x)}
     note = None
-    accelerate = _get_accelerate()
-    if accelerate is not None:
-        try:
-            fast = accelerate(pruned, backend="auto", example_inputs=x[:1])
-            fns["accelerated"] = lambda: fast(x)
-        except Exception as e:  # noqa: BLE001 - speed-up is optional; the pruned model is the product
-            note = f"accelerate() failed, not timed: {type(e).__name__}: {e}"
-    medians = interleaved_medians(fns, reps=args.latency_reps, warmup=3, cuda=device.type == "cuda",
+    try:
+        fast = accelerate(pruned, backend="auto", example_inputs=x[:1])
+        fns["accelerated"] = lambda: fast(x)
+    except Exception as e:  # noqa: BLE001 - speed-up is optional; the pruned model is the product
+        note = f"accelerate() failed, not timed: {type(e).__name__}: {e}"
+    medians = interleaved_medians(fns, reps=args.latency_reps, warmup=3, device=device,
                                   quiet=args.quiet, desc="latency")
     return {k: v * 1e3 for k, v in medians.items()}, note
 
@@ -330,8 +316,8 @@ def run_prune(args: argparse.Namespace) -> int:
     """``deprune prune``: see the module doc. Returns the exit status."""
     import torch
 
+    from ..tp_glue.serialization import save
     from .plotting import plot_report
-    from .serialization import save
     from .training import evaluate, train
 
     torch.set_flush_denormal(True)  # tiny weights after weight decay otherwise slow CPU training down a lot
@@ -408,9 +394,9 @@ def inspect_report(path: str) -> dict[str, Any]:
     Raises:
         BadInput: the file is missing or not a deprune_plugin model.
     """
-    from .masks import masked_convs, tap_mask
-    from .method import kept_per_range, real_ratio
-    from .serialization import load, load_extra
+    from ..core.masks import masked_convs, tap_mask
+    from ..core.method import kept_per_range, real_ratio
+    from ..tp_glue.serialization import load, load_extra
 
     if not os.path.isfile(path):
         _fail(f"no such file: {path!r}")

@@ -22,27 +22,19 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..core.checks import check_positive_int, check_ratio
+from ..core.cost import Cost, count_cost
+from ..core.masks import attach_tap_mask, is_depthwise, slice_tap_mask, tap_mask
+from ..core.method import bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range
+from ..core.method.hsr import HSRDecision
+from ..core.probe import probe_structure
+from ..core.summary import LayerRow, Summary
 from .adapters import run_fixups
 from .importance import DEPruneImportance
-from .macs import Cost, count_cost
-from .masks import attach_tap_mask, is_depthwise, slice_tap_mask, tap_mask
-from .method import bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range
-from .method.hsr import HSRDecision
-from .structure import analyse, find_depthwise, probe_structure
-from .summary import LayerRow, Summary
+from .structure import analyse, find_depthwise
 
 VARIANTS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "B": (True, False), "BH": (True, True)}
 """variant name -> (BWT on, HSR on). "plain" = DEPrune, "B" = DEPrune-B, "BH" = DEPrune-BH."""
-
-
-def _check_ratio(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_ratio_dict(d: Mapping | None, name: str, model_modules: set[int]) -> None:
@@ -57,7 +49,7 @@ def _check_ratio_dict(d: Mapping | None, name: str, model_modules: set[int]) -> 
                 raise TypeError(f"{name} keys must be modules (or tuples of modules), got {type(k).__name__}")
             if id(k) not in model_modules:
                 raise ValueError(f"{name} names a module that is not part of the model: {k.__class__.__name__}")
-        _check_ratio(ratio, f"{name}[{keys[0].__class__.__name__}]")
+        check_ratio(ratio, f"{name}[{keys[0].__class__.__name__}]")
 
 
 def _as_inputs(example_inputs: Any) -> tuple:
@@ -125,18 +117,18 @@ class DEPruner(tp.pruner.BasePruner):
         for bad in ("pruning_ratio", "ch_sparsity"):
             if bad in tp_kwargs:
                 raise TypeError(f"{bad} is not a DEPruner argument: use pw_pruning_ratio (PW) / dw_pruning_ratio (DW)")
-        _check_ratio(dw_pruning_ratio, "dw_pruning_ratio")
-        _check_ratio(pw_pruning_ratio, "pw_pruning_ratio")
+        check_ratio(dw_pruning_ratio, "dw_pruning_ratio")
+        check_ratio(pw_pruning_ratio, "pw_pruning_ratio")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-        _check_positive_int(group_size, "group_size")
-        _check_positive_int(tile_size, "tile_size")
-        _check_positive_int(iterative_steps, "iterative_steps")
+        check_positive_int(group_size, "group_size")
+        check_positive_int(tile_size, "tile_size")
+        check_positive_int(iterative_steps, "iterative_steps")
         max_ratio = tp_kwargs.get("max_pruning_ratio", 1.0)
         if not isinstance(max_ratio, (int, float)) or not 0.0 < max_ratio <= 1.0:
             raise ValueError(f"max_pruning_ratio must be in (0, 1], got {max_ratio!r}")
         if tp_kwargs.get("round_to") is not None:
-            _check_positive_int(tp_kwargs["round_to"], "round_to")
+            check_positive_int(tp_kwargs["round_to"], "round_to")
         if importance is None:
             importance = DEPruneImportance()
         if not callable(importance):
@@ -222,7 +214,7 @@ class DEPruner(tp.pruner.BasePruner):
             return lambda i, k, t: self.hsr_alpha(names[i], k, t)
         if self.hsr_alpha == "measured":
             if torch.cuda.is_available():
-                from .hsr_timing import measured_alpha
+                from ..core.method.hsr_timing import measured_alpha
                 return lambda i, k, t: measured_alpha(k, t, self.group_size, channels[i], sizes[i])
             warnings.warn("hsr_alpha='measured' needs a CUDA GPU; using the tile cost model", stacklevel=3)
         return None

@@ -43,7 +43,7 @@ def reinit_classifier_(model: nn.Module, std: float = 0.01) -> nn.Module:
     the initial logits are so large that the first loss is ~8 instead of ~2.3 and short runs from scratch
     stall. Returns the model.
     """
-    from .zoo import classifier_of
+    from ..core.zoo import classifier_of
 
     head = classifier_of(model)
     if isinstance(head, (nn.Linear, nn.Conv2d)):

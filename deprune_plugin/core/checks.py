@@ -1,0 +1,44 @@
+"""Argument checks shared by every layer: one wording for one mistake.
+
+Each check raises before anything is changed and names the argument, so a failing call leaves the
+user's model untouched.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence
+
+
+def check_ratio(value: Any, name: str = "ratio") -> float:
+    """A pruning ratio: a real number (Python, NumPy or a 0-d tensor value) in ``[0, 1)``, not a bool.
+
+    Returns:
+        the ratio as a Python float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """A positive Python/NumPy integer (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A real bool: ``"yes"`` or ``1`` are refused (a truthy string would silently mean True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def pair(value: int | Sequence[int], name: str, minimum: int) -> tuple[int, int]:
+    """``(h, w)`` from an int or a pair of ints, each ``>= minimum``."""
+    vals = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else tuple(value)
+    if len(vals) != 2 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(vals) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(vals[0]), int(vals[1])

@@ -1,0 +1,108 @@
+"""The one timer of the package: what one call of a callable costs, on the CPU or on a CUDA device.
+
+What is measured:
+
+- CPU: wall time of ``reps`` back-to-back calls (``time.perf_counter``), divided by ``reps``.
+- CUDA, ``clock="device"`` (kernel selection): **device time**, free of host launch overhead. The current stream is first given a sleep kernel
+  long enough that the ``reps`` calls are all queued behind it; events recorded after the sleep and after
+  the last call then bracket kernels that run back to back with the GPU kept busy (an idle GPU between
+  synchronised calls would otherwise count the Python launch cost as kernel time). The host time of
+  queueing the calls is measured separately (``host_s``): on the CPU side that is what a call costs.
+
+:func:`interleaved_medians` runs several candidates round-robin (A, B, C, A, B, C, ...) so that drift
+(thermal, other load) hits all of them alike, and reports medians.
+
+- CUDA, ``clock="wall"`` (end-to-end latency, what a caller waits): synchronise, call, synchronise;
+  launch overhead included, as a batch-1 user sees it.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+__all__ = ["CLOCKS", "CallTime", "time_call", "interleaved_medians"]
+
+_SLEEP_CYCLES_PER_CALL = 200_000  # ~100 us at 2 GHz per queued call: enough to queue Python launches
+
+
+@dataclass(frozen=True)
+class CallTime:
+    """Seconds per call: ``device_s`` (kernel time on CUDA, wall time on CPU) and ``host_s`` (time the
+    calling thread spent issuing the call; equal to ``device_s`` on the CPU)."""
+
+    device_s: float
+    host_s: float
+
+
+CLOCKS = ("device", "wall")
+
+
+def time_call(fn: Callable[[], Any], device: torch.device | str = "cpu", reps: int = 1,
+              clock: str = "device") -> CallTime:
+    """Time ``reps`` back-to-back calls of ``fn`` (see the module doc for what is measured)."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and clock == "wall":
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize(device)
+        t = (time.perf_counter() - t0) / reps
+        return CallTime(t, t)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        t = (time.perf_counter() - t0) / reps
+        return CallTime(t, t)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(device):
+        torch.cuda._sleep(_SLEEP_CYCLES_PER_CALL * reps)  # the GPU is busy while the calls are queued
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host = (time.perf_counter() - t0) / reps
+        end.record()
+        end.synchronize()
+    return CallTime(start.elapsed_time(end) / 1e3 / reps, host)
+
+
+@torch.inference_mode()
+def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: int = 30, warmup: int = 3,
+                        device: torch.device | str = "cpu", quiet: bool = True,
+                        desc: str = "timing", clock: str = "wall") -> dict[str, float]:
+    """Median seconds per call (``device_s``) of each candidate, measured interleaved.
+
+    Args:
+        candidates: name -> zero-argument callable.
+        reps: timed rounds (each round calls every candidate once).
+        warmup: untimed rounds first.
+        device: where the callables run.
+        clock: ``"wall"`` (default: end-to-end latency) or ``"device"`` (CUDA kernel time).
+        quiet: hide the progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    if reps <= 0 or warmup < 0:
+        raise ValueError(f"reps must be > 0 and warmup >= 0, got {reps}, {warmup}")
+    device = torch.device(device)
+    for _ in range(warmup):
+        for fn in candidates.values():
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    samples: dict[str, list[float]] = {k: [] for k in candidates}
+    for _ in tqdm(range(reps), desc=desc, disable=quiet, leave=False):
+        for name, fn in candidates.items():
+            samples[name].append(time_call(fn, device, clock=clock).device_s)
+    return {k: statistics.median(v) for k, v in samples.items()}
