@@ -78,10 +78,10 @@ def test_replacement_holds_kept_taps_bn_and_activation():
     fast = quiet_accelerate(m, backend="torch", config=AccelerateConfig(torchscript=False))
     blk = fast.blocks[1][0]
     assert isinstance(blk.conv_dw, FastDWConv) and blk.conv_dw.act == "relu6"
-    assert isinstance(blk.bn2, nn.ReLU6) is False  # BN and its ReLU6 are inside the new module
+    assert type(blk.bn2) is nn.Identity  # BN and its ReLU6 now live inside the new module
     assert int(blk.conv_dw.keep.sum()) == int(tap_mask(m.blocks[1][0].conv_dw).sum()) == 3 * 64
-    assert blk.conv_dw.taps.nnz == 3 * 64
-    assert blk.conv_dw.dr.kept_per_range() == [64, 64, 64]
+    assert blk.conv_dw.formats()["taps"].nnz == 3 * 64
+    assert blk.conv_dw.formats()["dr"].kept_per_range() == [64, 64, 64]
     assert "BN blocks.1.0.bn2 folded" in str(fast.deprune_report)
     assert m.blocks[1][0].conv_dw.__class__ is nn.Conv2d  # the input model is untouched
 

@@ -1,12 +1,17 @@
-"""KernelDispatcher: picks the fastest candidate per input signature, caches it, skips failing candidates."""
+"""KernelDispatcher: checks candidates against the reference, drops wrong or failing ones (and says why),
+picks the fastest per input signature, caches it; and the timer it uses."""
 from __future__ import annotations
 
 import itertools
+import threading
+import time
+import warnings
 
 import pytest
 import torch
 
-from deprune_plugin.kernels.dispatch import KernelDispatcher, default_timer, dispatch_key
+from deprune_plugin.core.timing import CallTime, interleaved_medians, time_call
+from deprune_plugin.kernels.dispatch import KernelDispatcher, dispatch_key, is_cuda_error
 
 
 class FakeClock:
@@ -15,19 +20,20 @@ class FakeClock:
     def __init__(self) -> None:
         self.now = 0.0
 
-    def timer(self, fn, device) -> float:
+    def timer(self, fn, device) -> CallTime:
         t0 = self.now
         fn()
-        return self.now - t0
+        return CallTime(self.now - t0, 1e-6)
 
 
-def _candidates(clock: FakeClock, costs: dict[str, float], calls: dict[str, int]):
+def _candidates(clock: FakeClock, costs: dict, calls: dict[str, int], wrong: frozenset = frozenset()):
+    """Candidates computing ``x * 2`` (or ``x * 2 + 1`` for the names in ``wrong``) at a simulated cost."""
     def make(name):
         def run(x):
             calls[name] = calls.get(name, 0) + 1
             cost = costs[name]
             clock.now += cost(x) if callable(cost) else cost
-            return (name, x)
+            return x * 2 + (1 if name in wrong else 0)
         return run
     return {name: make(name) for name in costs}
 
@@ -36,22 +42,46 @@ def test_picks_fastest_and_runs_it():
     clock, calls = FakeClock(), {}
     d = KernelDispatcher(_candidates(clock, {"dense": 3.0, "direct": 1.0, "dr": 2.0}, calls),
                          warmup=2, reps=5, timer=clock.timer)
-    x = torch.zeros(1, 4, 8, 8)
-    name, out = d(x)
-    assert name == "direct" and out is x
+    x = torch.arange(6.0).reshape(1, 1, 2, 3)
+    assert torch.equal(d(x), x * 2)
     key = dispatch_key(x)
     assert d.choice(key) == "direct"
     assert d.cache[key].timings == {"dense": 3.0, "direct": 1.0, "dr": 2.0}
-    # warm-ups + reps for every candidate, plus the real call of the winner
-    assert calls == {"dense": 7, "direct": 8, "dr": 7}
+    assert d.cache[key].host == {"dense": 1e-6, "direct": 1e-6, "dr": 1e-6} and d.cache[key].dropped == {}
+    # 1 check call + 2 warm-ups + 5 reps for every candidate, plus the real call of the winner
+    assert calls == {"dense": 8, "direct": 9, "dr": 8}
+
+
+def test_a_disagreeing_candidate_is_dropped_warned_once_and_reported():
+    clock, calls = FakeClock(), {}
+    d = KernelDispatcher(_candidates(clock, {"dense": 3.0, "direct": 1.0}, calls, wrong=frozenset({"direct"})),
+                         warmup=0, reps=2, timer=clock.timer, label="blocks.1.0.conv_dw")
+    x, y = torch.ones(1, 2, 3, 3), torch.ones(1, 2, 5, 5)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert torch.equal(d(x), x * 2)  # the fast but wrong kernel is not used
+        assert torch.equal(d(y), y * 2)  # a second signature: dropped again, not warned again
+    ours = [str(m.message) for m in w if "dropped" in str(m.message)]
+    assert len(ours) == 1 and "'direct'" in ours[0] and "blocks.1.0.conv_dw" in ours[0], ours
+    choice = d.cache[dispatch_key(x)]
+    assert choice.name == "dense" and set(choice.timings) == {"dense"}
+    assert choice.dropped["direct"].startswith("disagrees with dense: max abs err 1")
+
+
+def test_the_check_can_fail_only_when_outputs_differ():
+    """The same candidates with the bug removed are all kept: the drop above is due to the wrong output."""
+    clock = FakeClock()
+    d = KernelDispatcher(_candidates(clock, {"dense": 3.0, "direct": 1.0}, {}), warmup=0, reps=1, timer=clock.timer)
+    assert d.select(torch.ones(2, 3)).dropped == {} and d.select(torch.ones(2, 3)).name == "direct"
 
 
 def test_uses_the_median_of_the_repetitions():
     clock, calls = FakeClock(), {}
     spikes = itertools.chain([100.0, 1.0, 1.0, 1.0, 1.0], itertools.repeat(1.0))  # an outlier must not decide
-    d = KernelDispatcher(_candidates(clock, {"a": lambda x: next(spikes), "b": 1.5}, calls),
-                         warmup=0, reps=5, timer=clock.timer)
-    assert d(torch.zeros(2))[0] == "a"
+    costs = {"a": lambda x: next(spikes), "b": 1.5}
+    d = KernelDispatcher(_candidates(clock, costs, calls), warmup=0, reps=5, timer=clock.timer)
+    d(torch.zeros(2))
+    assert d.choice(dispatch_key(torch.zeros(2))) == "a"
 
 
 def test_caches_per_key_and_retimes_for_a_new_key():
@@ -60,11 +90,11 @@ def test_caches_per_key_and_retimes_for_a_new_key():
     costs = {"dense": lambda x: 5.0, "direct": lambda x: 1.0 if x.shape[-1] < 16 else 9.0}
     d = KernelDispatcher(_candidates(clock, costs, calls), warmup=1, reps=3, timer=clock.timer)
     small, large = torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 32, 32)
-    assert d(small)[0] == "direct"
+    d(small)
     timed_calls = dict(calls)
-    assert d(small)[0] == "direct"  # cached: only the winner runs, nothing is re-timed
+    d(small)  # cached: only the winner runs, nothing is re-checked or re-timed
     assert calls == {"dense": timed_calls["dense"], "direct": timed_calls["direct"] + 1}
-    assert d(large)[0] == "dense"   # new shape -> new timing
+    d(large)
     assert d.choice(dispatch_key(small)) == "direct" and d.choice(dispatch_key(large)) == "dense"
     assert len(d.cache) == 2
 
@@ -77,34 +107,107 @@ def test_key_distinguishes_dtype_and_memory_format():
     assert dispatch_key(x.to(memory_format=torch.channels_last))[3] == "channels_last"
 
 
-def test_skips_raising_candidates_and_records_why():
+def test_raising_candidates_are_dropped_with_the_reason():
     clock, calls = FakeClock(), {}
-    cands = _candidates(clock, {"dense": 2.0, "direct": 1.0}, calls)
+    cands = _candidates(clock, {"dense": 2.0}, calls)
 
     def broken(x):
         raise ValueError("unsupported kernel size")
-    cands = {"dr": broken, **cands, "direct": lambda x: (_ for _ in ()).throw(RuntimeError("no GPU"))}
+    cands = {**cands, "dr": broken, "direct": lambda x: (_ for _ in ()).throw(RuntimeError("no GPU"))}
     d = KernelDispatcher(cands, warmup=1, reps=3, timer=clock.timer)
     x = torch.zeros(3)
-    assert d(x)[0] == "dense"
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        d(x)
     choice = d.cache[dispatch_key(x)]
-    assert choice.errors == {"dr": "ValueError: unsupported kernel size", "direct": "RuntimeError: no GPU"}
+    assert choice.name == "dense"
+    assert choice.dropped == {"dr": "raised ValueError: unsupported kernel size", "direct": "raised RuntimeError: no GPU"}
     assert set(choice.timings) == {"dense"}
 
 
-def test_all_candidates_failing_raises_with_reasons():
+def test_a_cuda_error_is_reraised_not_masked_by_the_fallback():
+    clock = FakeClock()
+
+    def sticky(x):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    d = KernelDispatcher({**_candidates(clock, {"dense": 1.0}, {}), "direct": sticky}, timer=clock.timer)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        d(torch.zeros(1))
+    assert d.cache == {}
+
+
+def test_is_cuda_error_reads_types_messages_and_causes():
+    class CUDARuntimeError(Exception):
+        pass
+    assert is_cuda_error(CUDARuntimeError("cudaErrorLaunchFailure"))
+    assert is_cuda_error(RuntimeError("CUDA error: device-side assert triggered"))
+    try:
+        try:
+            raise CUDARuntimeError("x")
+        except CUDARuntimeError as inner:
+            raise ValueError("wrapped") from inner
+    except ValueError as outer:
+        assert is_cuda_error(outer)
+    assert not is_cuda_error(ValueError("kernel size 9 unsupported"))
+
+
+def test_a_failing_reference_raises():
     def broken(x):
         raise ValueError("nope")
     d = KernelDispatcher({"a": broken}, timer=FakeClock().timer)
-    with pytest.raises(RuntimeError, match="a: ValueError: nope"):
+    with pytest.raises(ValueError, match="nope"):
         d(torch.zeros(1))
     assert d.cache == {}
+
+
+def test_reference_is_checked_against_even_when_listed_later():
+    clock = FakeClock()
+    cands = _candidates(clock, {"fast": 1.0, "dense": 2.0}, {}, wrong=frozenset({"fast"}))
+    d = KernelDispatcher(cands, reference="dense", warmup=0, reps=1, timer=clock.timer)
+    with pytest.warns(RuntimeWarning, match="'fast' dropped"):
+        choice = d.select(torch.ones(2))
+    assert choice.name == "dense" and "fast" in choice.dropped
+    with pytest.raises(ValueError, match="reference"):
+        KernelDispatcher(cands, reference="cudnn")
 
 
 def test_ties_go_to_the_first_listed_candidate():
     clock = FakeClock()
     d = KernelDispatcher(_candidates(clock, {"dense": 1.0, "direct": 1.0}, {}), reps=3, timer=clock.timer)
-    assert d(torch.zeros(1))[0] == "dense"
+    assert d.select(torch.zeros(1)).name == "dense"
+
+
+def test_selection_is_thread_safe_one_selection_per_signature():
+    calls: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def slow(name):
+        def run(x):
+            with lock:
+                calls[name] = calls.get(name, 0) + 1
+            time.sleep(0.01)
+            return x * 2
+        return run
+    d = KernelDispatcher({"dense": slow("dense"), "direct": slow("direct")}, warmup=0, reps=1,
+                         timer=lambda fn, dev: (fn(), 1.0)[1])
+    x = torch.ones(4)
+    threads = [threading.Thread(target=d, args=(x,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # one check call + one timed call per candidate, then one real call per thread (the winner "dense")
+    assert calls == {"dense": 2 + 4, "direct": 2}
+
+
+def test_restore_reuses_a_saved_choice_without_timing():
+    calls: dict[str, int] = {}
+    d = KernelDispatcher(_candidates(FakeClock(), {"dense": 1.0, "direct": 0.5}, calls), timer=FakeClock().timer)
+    key = dispatch_key(torch.zeros(2, 2))
+    d.restore(key, "direct")
+    d(torch.zeros(2, 2))
+    assert calls == {"direct": 1}
+    with pytest.raises(ValueError, match="candidate"):
+        d.restore(key, "cudnn")
 
 
 def test_extra_arguments_are_forwarded():
@@ -115,10 +218,6 @@ def test_extra_arguments_are_forwarded():
     assert seen and all(item == ("s", 3) for item in seen)
 
 
-def test_default_timer_on_cpu_measures_wall_time():
-    assert default_timer(lambda: sum(range(1000)), torch.device("cpu")) >= 0.0
-
-
 def test_constructor_validation():
     with pytest.raises(ValueError, match="candidates"):
         KernelDispatcher({})
@@ -126,3 +225,25 @@ def test_constructor_validation():
         KernelDispatcher({"x": 3})
     with pytest.raises(ValueError, match="reps"):
         KernelDispatcher({"x": lambda x: x}, reps=0)
+
+
+# ---- the timer ----------------------------------------------------------------------------------
+
+def test_cpu_timer_measures_the_calls_and_averages_over_reps():
+    t = time_call(lambda: time.sleep(0.02), "cpu", reps=3)
+    assert 0.02 <= t.device_s < 0.2 and t.host_s == t.device_s
+    n = []
+    time_call(lambda: n.append(1), "cpu", reps=7)
+    assert len(n) == 7
+    with pytest.raises(ValueError, match="reps"):
+        time_call(lambda: None, "cpu", reps=0)
+    with pytest.raises(ValueError, match="clock"):
+        time_call(lambda: None, "cpu", clock="cpu-ish")
+
+
+def test_interleaved_medians_round_robin_order_and_medians():
+    order: list[str] = []
+    med = interleaved_medians({"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.01))},
+                              reps=3, warmup=1)
+    assert order == ["a", "b"] * 4  # warm-up round, then three timed rounds, interleaved
+    assert med["b"] >= 0.01 > med["a"]

@@ -14,10 +14,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..core.masks import is_depthwise, tap_mask
-from ..kernels.activations import activation_of_module
-from .fold import Chain, find_chains, fold_bn, trace_calls
+from .convert import ReportEntry, plan_edits
+from .fold import find_chains, trace_calls
 from .modules import FastDWConv
+from .selfcheck import check_inputs, verify_edits
 
 BACKENDS = ("auto", "cupy", "torch")
 
@@ -43,30 +43,44 @@ class AccelerateConfig:
 
 
 @dataclass
-class ReportEntry:
-    name: str
-    action: str          # "replaced", "folded", "left"
-    detail: str
-
-
-@dataclass
 class AccelerateReport:
-    """What :func:`accelerate` did, one entry per module it looked at."""
+    """What :func:`accelerate` did.
+
+    Attributes:
+        backend: the backend used (after any fallback).
+        entries: one :class:`ReportEntry` per module looked at: ``"replaced"`` (FastDWConv), ``"folded"``
+            (BatchNorm folded into a conv) or ``"left"`` (with the reason).
+        fallback_reason: why ``backend="auto"`` fell back, if it did.
+        checks: which self-checks ran and their outcome.
+        kernels: per replaced layer on the kernel backends, the kernel chosen for the example input's
+            signature, each candidate's device and host time, and the candidates dropped and why.
+    """
 
     backend: str
     entries: list[ReportEntry] = field(default_factory=list)
     fallback_reason: Optional[str] = None
+    checks: list[str] = field(default_factory=list)
+    kernels: dict[str, dict] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"accelerate: backend={self.backend}" + (f" (fallback: {self.fallback_reason})"
                                                           if self.fallback_reason else "")]
         counts = {a: sum(e.action == a for e in self.entries) for a in ("replaced", "folded", "left")}
         lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
+        lines += [f"  check: {c}" for c in self.checks]
         lines += [f"  {e.action:<8} {e.name}: {e.detail}" for e in self.entries]
+        for name, k in self.kernels.items():
+            times = ", ".join(f"{c} {t * 1e6:.1f} us" for c, t in k.get("timings", {}).items())
+            dropped = "".join(f"; dropped {c}: {why}" for c, why in k.get("dropped", {}).items())
+            lines.append(f"  kernel   {name}: {k['name']} ({times}){dropped}")
         return "\n".join(lines)
 
     def replaced(self) -> list[str]:
         return [e.name for e in self.entries if e.action == "replaced"]
+
+    def left(self) -> dict[str, str]:
+        """``{name: reason}`` of everything left as it was."""
+        return {e.name: e.detail for e in self.entries if e.action == "left"}
 
 
 def _resolve_backend(backend: str) -> tuple[str, Optional[str]]:
@@ -94,13 +108,8 @@ def _default_inputs(model: nn.Module, device: torch.device, dtype: torch.dtype) 
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
         channels = cfg["input_size"][0]
-    return (torch.zeros(1, channels, size, size, device=device, dtype=dtype),)
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
+    g = torch.Generator(device="cpu").manual_seed(0)  # random, not zeros: a zero image hides wrong layers
+    return (torch.randn(1, channels, size, size, generator=g).to(device=device, dtype=dtype),)
 
 
 def _check_uniform(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -124,94 +133,92 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
 
     BatchNorm is folded into the preceding conv, the activation after a DW conv (ReLU, ReLU6, SiLU,
     Hardswish, GELU, identity) is fused into its epilogue, and every DW conv (pruned or not) becomes a
-    :class:`FastDWConv` holding its kept taps compacted.
+    :class:`FastDWConv` holding its kept taps compacted. Folding and fusion follow the model's data flow:
+    a BatchNorm or activation whose input is also read elsewhere is left alone (see :mod:`.fold`).
+
+    The result is checked before it is returned: its output on ``example_inputs`` (and on a second input of
+    another batch and spatial size, when the model accepts one) must match ``model``'s; an edit that breaks
+    it is reverted, reported as ``"left: output mismatch ..."``, and warned about once.
 
     Args:
         model: a model (pruned by DEPruner or not). Not modified.
         backend: ``"auto"`` (CuPy kernels on CUDA when CuPy imports, else torch, with one warning),
             ``"cupy"`` (error without CuPy + GPU) or ``"torch"`` (dense conv on masked weights, channels_last).
-        example_inputs: an input to trace the module order with; default a ``[1, C, 64, 64]`` zero image.
+        example_inputs: an input to trace and check with; default a ``[1, C, 64, 64]`` random image (seeded).
         config: :class:`AccelerateConfig`.
         filter_fn: ``filter_fn(module, name) -> bool``; DW convs it rejects are left as they are.
 
     Returns:
-        The accelerated model (eval mode) with attribute ``deprune_report`` (:class:`AccelerateReport`).
+        The accelerated model (eval mode, parameters not requiring grad) with attribute ``deprune_report``
+        (:class:`AccelerateReport`).
+
+    Raises:
+        TypeError / ValueError naming the argument (before anything is built).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    config = config or AccelerateConfig()
+    if config is None:
+        config = AccelerateConfig()
+    elif not isinstance(config, AccelerateConfig):
+        raise TypeError(f"config must be an AccelerateConfig, got {type(config).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable(module, name) -> bool, got {type(filter_fn).__name__}")
     device, dtype = _check_uniform(model)
     backend, fallback = _resolve_backend(backend)
     if example_inputs is None:
         example_inputs = _default_inputs(model, device, dtype)
     elif isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    elif not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise TypeError("example_inputs must be a tensor or a non-empty tuple of tensors, "
+                        f"got {type(example_inputs).__name__}")
+    example_inputs = tuple(example_inputs)
     for t in example_inputs:
         if isinstance(t, torch.Tensor) and (t.device != device or t.dtype != dtype):
             raise ValueError(f"example_inputs are {t.device}/{t.dtype} but the model is {device}/{dtype}")
 
-    fast = copy.deepcopy(model).eval()
+    fast = copy.deepcopy(model).eval().requires_grad_(False)  # an inference model: no autograd bookkeeping
+    if config.channels_last:
+        fast.register_forward_pre_hook(_to_channels_last)
     report = AccelerateReport(backend=backend, fallback_reason=fallback)
-    names = {m: n for n, m in fast.named_modules()}
     try:
-        trace = trace_calls(fast, tuple(example_inputs))
+        trace = trace_calls(fast, example_inputs)
+        inputs, notes = check_inputs(fast, example_inputs)
     except Exception as e:  # noqa: BLE001 - the argument's fault, with the cause
         raise ValueError(f"example_inputs do not fit the model: {type(e).__name__}: {e}") from e
     convs = [m for m in fast.modules() if isinstance(m, nn.Conv2d)]
-    chains = find_chains(trace, convs)
-
-    for conv in convs:
-        name = names[conv]
-        ch: Chain = chains[conv]
-        dw = is_depthwise(conv)
-        if dw and filter_fn is not None and not filter_fn(conv, name):
-            report.entries.append(ReportEntry(name, "left", "rejected by filter_fn"))
-            continue
-        if dw and trace.count.get(conv, 0) != 1:
-            report.entries.append(ReportEntry(name, "left", "not called exactly once in a forward pass"))
-            continue
-        if dw and isinstance(conv.padding, str) or getattr(conv, "padding_mode", "zeros") != "zeros":
-            report.entries.append(ReportEntry(name, "left", f"padding {conv.padding!r}/{conv.padding_mode} "
-                                                            "not supported by the kernels"))
-            continue
-        if not dw and not (config.fold_batchnorm and ch.bn is not None):
-            continue
-        weight, bias = conv.weight, conv.bias
-        keep = tap_mask(conv) if tap_mask(conv) is not None else torch.ones_like(weight, dtype=torch.bool)
-        if ch.bn is not None:
-            weight, bias = fold_bn(weight * keep, bias, ch.bn)
-        act_mod = ch.inner_act if ch.inner_act is not None else ch.act
-        act = activation_of_module(act_mod)
-        if not dw:
-            conv.weight = nn.Parameter(weight, requires_grad=False)
-            conv.bias = nn.Parameter(bias, requires_grad=False)
-            _set_module(fast, names[ch.bn], ch.inner_act if ch.inner_act is not None else nn.Identity())
-            report.entries.append(ReportEntry(name, "folded", f"BatchNorm {names[ch.bn]} folded"))
-            continue
-        if bias is None:
-            bias = torch.zeros(weight.shape[0], device=weight.device, dtype=weight.dtype)
-        fused = act if act is not None else "identity"
-        new = FastDWConv(weight * keep, bias, keep, conv.stride, conv.padding, conv.dilation, fused,
-                         backend=backend, group_size=config.group_size, tile=config.tile)
-        _set_module(fast, name, new)
-        if ch.bn is not None:  # BN (and the fused activation) now live in the new module
-            keep_act = act_mod is not None and act is None  # an activation the epilogue cannot fuse
-            _set_module(fast, names[ch.bn], act_mod if keep_act and ch.inner_act is not None else nn.Identity())
-            if ch.act is not None and not keep_act:
-                _set_module(fast, names[ch.act], nn.Identity())
-        parts = [f"{int(keep.sum())}/{keep.numel()} taps kept"]
-        if ch.bn is not None:
-            parts.append(f"BN {names[ch.bn]} folded")
-        parts.append(f"act {fused} fused")
-        report.entries.append(ReportEntry(name, "replaced", f"FastDWConv[{backend}], " + ", ".join(parts)))
-
-    if config.channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
-        fast.register_forward_pre_hook(_to_channels_last)
+    edits, left = plan_edits(fast, trace, find_chains(trace, convs), backend=backend,
+                             fold_batchnorm=config.fold_batchnorm, group_size=config.group_size, tile=config.tile,
+                             filter_fn=filter_fn)
+    prepare = _to_channels_last_model if config.channels_last else None
+    verdict = verify_edits(fast, edits, inputs, prepare)
+    report.checks += verdict.checks + notes
+    report.entries += [e.entry for e in verdict.kept] + left
+    report.entries += [ReportEntry(e.name, "left", why) for e, why in verdict.reverted]
+    if verdict.reverted:
+        warnings.warn(f"deprune_plugin.accelerate: {len(verdict.reverted)} layer(s) left unaccelerated because "
+                      f"their replacement changed the model's output (see deprune_report): "
+                      f"{', '.join(e.name for e, _ in verdict.reverted[:5])}", RuntimeWarning, stacklevel=3)
+    report.kernels = kernel_choices(fast)
     if backend == "torch" and config.torchscript and device.type == "cpu":
         fast = _freeze(fast, tuple(example_inputs), report)
     fast.deprune_report = report
     return fast
+
+
+def kernel_choices(model: nn.Module) -> dict[str, dict]:
+    """Per :class:`FastDWConv` of ``model`` that ran its kernels: the choice made for each input signature
+    so far (kernel, device/host time per candidate, dropped candidates and why)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FastDWConv) and m._dispatcher is not None:
+            for key, choice in m._dispatcher.cache.items():
+                out[name if len(m._dispatcher.cache) == 1 else f"{name} {key[0]}"] = choice.as_dict()
+    return out
+
+
+def _to_channels_last_model(model: nn.Module) -> None:
+    model.to(memory_format=torch.channels_last)
 
 
 class FrozenModel(nn.Module):

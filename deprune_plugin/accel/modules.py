@@ -1,12 +1,89 @@
 """The inference module that replaces a depth-wise conv (+ folded BN + activation)."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.activations import ACTIVATIONS, apply_activation
+from ..kernels.dispatch import KernelDispatcher, dispatch_key
 from ..kernels.formats import CompactTaps, DRColumns
+
+__all__ = ["FastDWConv", "same_padding", "MODULE_BACKENDS"]
+
+#: What a FastDWConv runs: ``"torch"`` (dense conv on the masked weight), ``"cupy"`` (CUDA kernels on CUDA
+#: inputs, chosen per signature), ``"emu"`` (the kernels' host emulation on CPU inputs: slow, for tests).
+MODULE_BACKENDS = ("torch", "cupy", "emu")
+_FORMATS = {"taps": CompactTaps, "dr": DRColumns}
+
+
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding ``(before, after)`` of one spatial dim for an input of ``size``:
+    output ``ceil(size / stride)``, the odd pixel of padding goes after (timm ``Conv2dSame``)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+def _store_format(module: nn.Module, prefix: str, fmt: Any) -> dict[str, Any]:
+    """Register every tensor field of a format dataclass as a buffer (float fields as int32 bit patterns,
+    so dtype casts of the module never round them); return the non-tensor fields."""
+    static: dict[str, Any] = {}
+    floats = []
+    for f in dataclasses.fields(fmt):
+        value = getattr(fmt, f.name)
+        if isinstance(value, torch.Tensor):
+            if value.dtype == torch.float32:
+                value = value.view(torch.int32)
+                floats.append(f.name)
+            module.register_buffer(f"{prefix}_{f.name}", value.detach().clone())
+        else:
+            static[f.name] = value
+    return {"static": static, "floats": floats}
+
+
+def _load_format(module: nn.Module, prefix: str, cls: type, stored: dict[str, Any]) -> Any:
+    kwargs = dict(stored["static"])
+    for f in dataclasses.fields(cls):
+        if f.name not in kwargs:
+            t = getattr(module, f"{prefix}_{f.name}")
+            kwargs[f.name] = t.view(torch.float32) if f.name in stored["floats"] else t
+    return cls(**kwargs)
+
+
+_CHOICES_KEY = "kernel_choices"
+_CHOICE_COLS = 9
+_KERNELS = ("dense", "direct", "dr")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def _encode_choice(key: tuple, name: str) -> list[int]:
+    """``dispatch_key`` + kernel name -> ``[n, c, h, w, dtype, layout, device type, device index, kernel]``."""
+    shape, dtype, device, layout = key
+    dev = torch.device(device)
+    return [*shape, _DTYPES.index(dtype), _LAYOUTS.index(layout), int(dev.type == "cuda"),
+            -1 if dev.index is None else dev.index, _KERNELS.index(name)]
+
+
+def _decode_choice(row: list[int]) -> tuple[tuple, str]:
+    n, c, h, w, dtype, layout, is_cuda, index, kernel = row
+    device = ("cuda" if is_cuda else "cpu") + ("" if index < 0 else f":{index}")
+    return ((n, c, h, w), _DTYPES[dtype], device, _LAYOUTS[layout]), _KERNELS[kernel]
+
+
+def _dense(x: torch.Tensor, mod: "FastDWConv") -> torch.Tensor:
+    return mod.dense(x)
+
+
+def _kernel(name: str):
+    def run(x: torch.Tensor, mod: "FastDWConv") -> torch.Tensor:
+        return mod.run_kernel(name, x)
+    run.__name__ = f"_{name}"
+    return run
 
 
 class FastDWConv(nn.Module):
@@ -16,64 +93,168 @@ class FastDWConv(nn.Module):
         weight: folded, masked DW weight ``[C, 1, kh, kw]`` (pruned taps exactly 0).
         bias: folded bias ``[C]``.
         keep: bool keep mask ``[C, 1, kh, kw]``.
-        stride, padding, dilation: as in the original conv (``padding`` as a pair of ints).
-        act: epilogue activation name (a key of :data:`deprune_plugin.kernels.ACTIVATIONS`).
-        backend: ``"torch"`` (dense conv on masked weights, channels_last) or ``"cupy"`` (CUDA kernels via
-            CuPy on CUDA inputs, chosen per input shape by measurement among dense / direct / DR).
+        stride, dilation: as in the original conv.
+        padding: ``(top, bottom, left, right)`` zero padding, or ``"same"`` for TensorFlow-style padding
+            computed per input size (timm ``Conv2dSame``).
+        act: epilogue activation (a key of :data:`deprune_plugin.kernels.ACTIVATIONS`).
+        backend: one of :data:`MODULE_BACKENDS`.
         group_size, tile: DR balanced range and K tile.
+        label: the layer's name in the model (for warnings and reports).
 
-    Shapes: input ``[N, C, H, W]`` -> output ``[N, C, Ho, Wo]``.
+    Everything the kernels need is a buffer (the compact formats' float values as int32 bit patterns), so
+    ``.to()``, ``.half()``, ``meta``, ``deepcopy``, ``state_dict`` and DataParallel replicas carry it.
+    Kernel choices per input signature (:attr:`choices`) are plain data kept in the state dict, so a
+    reloaded model does not re-time known signatures.
+
+    Shapes: input ``[N, C, H, W]`` -> output ``[N, C, Ho, Wo]``. An input that requires grad (with grad
+    enabled) takes the dense path, so gradients flow through the layer.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor, stride: tuple[int, int],
-                 padding: tuple[int, int], dilation: tuple[int, int], act: str, backend: str = "torch",
-                 group_size: int = 32, tile: int = 32) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, keep: torch.Tensor, stride: Sequence[int],
+                 padding: Sequence[int] | str, dilation: Sequence[int], act: str, backend: str = "torch",
+                 group_size: int = 32, tile: int = 32, label: str = "") -> None:
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        if backend not in MODULE_BACKENDS:
+            raise ValueError(f"backend must be one of {MODULE_BACKENDS}, got {backend!r}")
+        if padding != "same" and (isinstance(padding, str) or len(tuple(padding)) != 4):
+            raise ValueError(f"padding must be (top, bottom, left, right) or 'same', got {padding!r}")
         self.register_buffer("weight", weight.detach().clone().contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", bias.detach().clone())
         self.register_buffer("keep", keep.detach().to(torch.bool).clone())
-        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.kernel_size = tuple(weight.shape[2:])
+        self.stride, self.dilation = tuple(stride), tuple(dilation)
+        self.padding = "same" if padding == "same" else tuple(int(p) for p in padding)
         self.groups = weight.shape[0]
         self.act = act
         self.backend = backend
         self.group_size, self.tile = group_size, tile
-        self.taps = CompactTaps.from_dense(self.weight.float(), self.keep)
-        self.dr = DRColumns.from_dense(self.weight.float(), self.keep, group_size=group_size, tile=tile)
-        self._dispatcher = None
+        self.label = label
+        w32, keep32 = self.weight.float(), self.keep
+        self._static = {
+            "taps": _store_format(self, "taps", CompactTaps.from_dense(w32, keep32)),
+            "dr": _store_format(self, "dr", DRColumns.from_dense(w32, keep32, group_size=group_size, tile=tile)),
+        }
+        self._formats: dict[str, Any] = {}
+        self._formats_key: tuple = ()
+        self.choices: dict[tuple, str] = {}  # dispatch_key -> candidate name, kept across copies and saves
+        self._dispatcher: KernelDispatcher | None = None
 
     def extra_repr(self) -> str:
-        return (f"{self.groups}, kernel={tuple(self.weight.shape[2:])}, stride={self.stride}, kept_taps="
-                f"{int(self.keep.sum())}/{self.keep.numel()}, act={self.act}, backend={self.backend}")
+        return (f"{self.groups}, kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"kept_taps={int(self.keep.sum())}/{self.keep.numel()}, act={self.act}, backend={self.backend}")
 
+    # ---- geometry --------------------------------------------------------------------------------
+    def pads(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        """``(top, bottom, left, right)`` zero padding for input ``x``."""
+        if self.padding != "same":
+            return self.padding
+        kh, kw = self.kernel_size
+        top, bottom = same_padding(x.shape[-2], kh, self.stride[0], self.dilation[0])
+        left, right = same_padding(x.shape[-1], kw, self.stride[1], self.dilation[1])
+        return top, bottom, left, right
+
+    # ---- the paths -------------------------------------------------------------------------------
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         """Reference path: dense conv on the masked weight, then the activation."""
-        y = F.conv2d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding, self.dilation,
-                     self.groups)
+        top, bottom, left, right = self.pads(x)
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if top == bottom and left == right:
+            y = F.conv2d(x, w, b, self.stride, (top, left), self.dilation, self.groups)
+        else:
+            y = F.conv2d(F.pad(x, (left, right, top, bottom)), w, b, self.stride, 0, self.dilation, self.groups)
         return apply_activation(self.act, y)
 
-    def _kernel_dispatcher(self):
+    def formats(self) -> dict[str, Any]:
+        """The compact formats (:class:`CompactTaps` ``"taps"``, :class:`DRColumns` ``"dr"``) on the buffers'
+        current device, rebuilt (and validated once) after a move."""
+        key = tuple((b.device, b.data_ptr()) for n, b in self._buffers.items() if n.startswith(("taps_", "dr_")))
+        if key != self._formats_key:
+            self._formats = {name: _load_format(self, name, cls, self._static[name]) for name, cls in _FORMATS.items()}
+            self._formats_key = key
+        return self._formats
+
+    def run_kernel(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One kernel (``"direct"`` or ``"dr"``) on ``x`` through the module's kernel backend."""
+        from ..kernels import dw_direct, dw_dr
+
+        backend = "emu" if self.backend == "emu" else "cupy"
+        fmt = self.formats()
+        top, bottom, left, right = self.pads(x)
+        padding = (top, left) if (top, left) == (bottom, right) else (top, bottom, left, right)
+        conv = dict(stride=self.stride, padding=padding, dilation=self.dilation, act=self.act, backend=backend)
+        bias = self.bias.float()
+        if name == "direct":
+            return dw_direct(x, fmt["taps"], bias, **conv)
+        if name == "dr":
+            return dw_dr(x, fmt["dr"], bias, **conv)
+        raise ValueError(f"unknown kernel {name!r}")
+
+    def dispatcher(self) -> KernelDispatcher:
+        """The layer's :class:`KernelDispatcher` over dense / direct / DR (built on first use)."""
         if self._dispatcher is None:
-            from ..kernels.dispatch import KernelDispatcher
-            from ..kernels.dw_direct import dw_direct
-            from ..kernels.dw_dr import dw_dr
-            geo = dict(stride=self.stride, padding=self.padding, dilation=self.dilation, act=self.act)
-            self.taps = self.taps.to(self.weight.device)
-            self.dr = self.dr.to(self.weight.device)
-            self._dispatcher = KernelDispatcher({
-                "dense": self.dense,
-                "direct": lambda x: dw_direct(x, self.taps, self.bias.float(), backend="cupy", **geo),
-                "dr": lambda x: dw_dr(x, self.dr, self.bias.float(), backend="cupy", **geo),
-            })
+            self._dispatcher = KernelDispatcher({"dense": _dense, "direct": _kernel("direct"), "dr": _kernel("dr")},
+                                                label=self.label)
+            for key, name in self.choices.items():
+                self._dispatcher.restore(key, name)
         return self._dispatcher
 
+    def _uses_kernels(self, x: torch.Tensor) -> bool:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return False  # the kernels have no backward: the dense path keeps gradients flowing
+        if self.backend == "cupy":
+            return x.is_cuda
+        return self.backend == "emu" and x.device.type == "cpu"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "cupy" and x.is_cuda and not torch.jit.is_tracing():
-            return self._kernel_dispatcher()(x)
-        return self.dense(x)
+        if torch.compiler.is_compiling():
+            return self._compiled_forward(x)
+        if not self._uses_kernels(x) or torch.jit.is_tracing():
+            return self.dense(x)
+        d = self.dispatcher()
+        choice = d.select(x, self)
+        self.choices.setdefault(dispatch_key(x), choice.name)
+        return d.candidates[choice.name](x, self)
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile / torch.export: the kernel chosen ahead of time for this signature (see
+        :attr:`choices`; none known -> dense) as a ``torch.ops.deprune`` custom op, one graph node."""
+        name = self.choices.get(dispatch_key(x), "dense") if self._uses_kernels(x) else "dense"
+        if name == "dense":
+            return self.dense(x)
+        from ..kernels import ops  # noqa: F401 - registers torch.ops.deprune
+
+        conv = (list(self.stride), list(self.pads(x)), list(self.dilation), self.act)
+        bias = self.bias.float()
+        if name == "direct":
+            return torch.ops.deprune.dw_direct(x, self.taps_tap_ptr, self.taps_tap_idx,
+                                               self.taps_tap_val.view(torch.float32), bias,
+                                               list(self.kernel_size), *conv)
+        return torch.ops.deprune.dw_dr(x, self.dr_col_ptr, self.dr_col_chan, self.dr_col_tap,
+                                       self.dr_col_val.view(torch.float32), self.dr_col_kept, bias,
+                                       list(self.kernel_size), self.group_size, self.tile, *conv)
+
+    # ---- persistence -----------------------------------------------------------------------------
+    # Kernel choices travel in the state dict as one int64 tensor (a dict entry would break torch.jit.trace,
+    # which detaches every state-dict value): a row per signature, see _encode_choice.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        rows = [_encode_choice(k, v) for k, v in self.choices.items()]
+        destination[prefix + _CHOICES_KEY] = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _CHOICE_COLS)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        rows = state_dict.pop(prefix + _CHOICES_KEY, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if rows is not None:
+            state_dict[prefix + _CHOICES_KEY] = rows  # leave the caller's dict as it was
+            self.choices = dict(_decode_choice(r) for r in rows.tolist())
+            self._dispatcher = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_dispatcher"] = None  # holds compiled kernels and lambdas: rebuilt on first use
+        state["_dispatcher"] = None  # holds compiled kernels and a lock: rebuilt on first use
+        state["_formats"], state["_formats_key"] = {}, ()
         return state

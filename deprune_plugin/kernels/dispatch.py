@@ -1,28 +1,51 @@
-"""Per-layer kernel selection by measurement: time every candidate on first use, keep the fastest.
+"""Per-layer kernel selection, checked and measured on first use of each input signature.
 
 No kernel wins everywhere (a dense cuDNN DW conv, the direct tap-sparse kernel and the DR GEMM trade
-places with shape, dtype, layout and kept-tap count), so each layer owns a :class:`KernelDispatcher`
-over its candidate callables and caches the winner per input signature.
+places with shape, dtype, layout and kept-tap count), so each layer owns a :class:`KernelDispatcher` over
+its candidate callables. On the first call with a new input signature it
+
+1. runs the **reference** candidate (the dense conv, listed first by default) and every other candidate,
+   and compares each output with the reference (:func:`deprune_plugin.core.agreement.agreement`,
+   dtype-aware). A candidate that raises or disagrees is **dropped** for that signature, warned about once
+   per layer and candidate, and listed with its reason in :attr:`Choice.dropped`. A CUDA error is never
+   treated as "this candidate cannot run": it is re-raised, since a sticky context error would make every
+   later fallback fail too (or, worse, look like it worked);
+2. times the survivors (:func:`deprune_plugin.core.timing.time_call`: device time of back-to-back calls with
+   the GPU kept busy; the host time of issuing a call is kept separately) and caches the fastest.
+
+Selection is thread-safe. Choices can be made ahead of time (:meth:`KernelDispatcher.select`) and restored
+(:meth:`KernelDispatcher.restore`) so that a saved accelerated model does not re-time known signatures.
 """
 from __future__ import annotations
 
 import statistics
+import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping
 
 import torch
 
-from ..core.timing import time_call
+from ..core.agreement import agreement
+from ..core.timing import CallTime, time_call
 
-__all__ = ["Choice", "KernelDispatcher", "Timer", "default_timer", "dispatch_key"]
+__all__ = ["Choice", "KernelDispatcher", "Timer", "dispatch_key", "is_cuda_error"]
 
-#: ``timer(fn, device) -> seconds`` for ONE call of ``fn``.
-Timer = Callable[[Callable[[], Any], torch.device], float]
+#: ``timer(fn, device) -> CallTime`` (or plain seconds) for ONE call of ``fn``.
+Timer = Callable[[Callable[[], Any], torch.device], "CallTime | float"]
+
+_CUDA_ERROR_TYPES = {"CUDARuntimeError", "CUDADriverError", "AcceleratorError", "CUDAError", "CudaAPIError"}
+_CUDA_ERROR_TEXT = ("CUDA error", "cudaError", "CUDA_ERROR", "an illegal memory access", "device-side assert")
 
 
-def default_timer(fn: Callable[[], Any], device: torch.device) -> float:
-    """Device seconds of one ``fn()`` call (:func:`deprune_plugin.core.timing.time_call`)."""
-    return time_call(fn, device).device_s
+def is_cuda_error(exc: BaseException) -> bool:
+    """True for errors of the CUDA runtime/driver (raised by CuPy or torch), also when chained."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if type(seen).__name__ in _CUDA_ERROR_TYPES or any(t in str(seen) for t in _CUDA_ERROR_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _memory_format(x: torch.Tensor) -> str:
@@ -40,31 +63,52 @@ def dispatch_key(x: torch.Tensor) -> tuple[Hashable, ...]:
 
 @dataclass
 class Choice:
-    """Outcome of one selection: the winner, the median seconds of every candidate that ran, and the
-    ``"ExceptionType: message"`` of every candidate that raised (and was skipped)."""
+    """Outcome of one selection.
+
+    Attributes:
+        name: the chosen candidate.
+        timings: median device seconds per call of every candidate that passed the check.
+        host: median host seconds per call (Python + launch) of the same candidates.
+        dropped: ``{candidate: reason}`` for candidates that raised or disagreed with the reference.
+    """
 
     name: str
     timings: dict[str, float] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
+    host: dict[str, float] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (what a state dict or a JSON report can hold)."""
+        return {"name": self.name, "timings": dict(self.timings), "host": dict(self.host),
+                "dropped": dict(self.dropped)}
+
+
+def _as_call_time(t: "CallTime | float") -> CallTime:
+    return t if isinstance(t, CallTime) else CallTime(float(t), float(t))
 
 
 class KernelDispatcher:
-    """Pick the fastest of ``candidates`` per input signature, measured on first use.
+    """Pick the fastest correct candidate per input signature, checked and measured on first use.
 
     Args:
         candidates: ``{"dense": fn, "direct": fn, "dr": fn}``; each ``fn(x, *args, **kwargs)`` computes the
-            same result. Iteration order breaks ties (the first listed wins).
+            same result. Iteration order breaks timing ties (the first listed wins).
+        reference: the candidate the others are checked against (default: the first listed). It is never
+            dropped; if it raises, selection raises.
         warmup: untimed calls per candidate (compilation, cuDNN autotuning, caches).
-        reps: timed calls per candidate; the median is compared.
-        timer: ``timer(fn, device) -> seconds`` of one call; default :func:`default_timer`. Injectable for
-            tests.
+        reps: timed samples per candidate; the median is compared.
+        timer: ``timer(fn, device) -> CallTime | seconds`` for one call; default
+            :func:`deprune_plugin.core.timing.time_call`. Injectable for tests.
+        check: compare candidates with the reference before timing them (default True).
+        label: names the layer in warnings (e.g. ``"blocks.1.0.conv_dw"``).
 
     Calling the dispatcher runs the chosen candidate. :attr:`cache` maps :func:`dispatch_key` tuples to
-    :class:`Choice`; :meth:`choice` reads it.
+    :class:`Choice`.
     """
 
-    def __init__(self, candidates: Mapping[str, Callable[..., Any]], *, warmup: int = 3, reps: int = 10,
-                 timer: Timer | None = None) -> None:
+    def __init__(self, candidates: Mapping[str, Callable[..., Any]], *, reference: str | None = None,
+                 warmup: int = 3, reps: int = 10, timer: Timer | None = None, check: bool = True,
+                 label: str = "") -> None:
         if not candidates:
             raise ValueError("candidates must name at least one callable")
         for name, fn in candidates.items():
@@ -73,18 +117,44 @@ class KernelDispatcher:
         if warmup < 0 or reps < 1:
             raise ValueError(f"need warmup >= 0 and reps >= 1, got warmup={warmup}, reps={reps}")
         self.candidates = dict(candidates)
+        self.reference = reference if reference is not None else next(iter(self.candidates))
+        if self.reference not in self.candidates:
+            raise ValueError(f"reference {self.reference!r} is not a candidate ({sorted(self.candidates)})")
         self.warmup = warmup
         self.reps = reps
-        self.timer: Timer = timer or default_timer
+        self.timer: Timer = timer or time_call
+        self.check = check
+        self.label = label
         self.cache: dict[tuple[Hashable, ...], Choice] = {}
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
 
     def choice(self, key: tuple[Hashable, ...]) -> str | None:
-        """Name of the candidate chosen for ``key`` (see :func:`dispatch_key`), or None if not timed yet."""
+        """Name of the candidate chosen for ``key`` (see :func:`dispatch_key`), or None if not selected yet."""
         c = self.cache.get(key)
         return None if c is None else c.name
 
+    def restore(self, key: tuple[Hashable, ...], name: str) -> None:
+        """Reuse an earlier selection (e.g. from a saved model) for ``key`` without re-timing."""
+        if name not in self.candidates:
+            raise ValueError(f"{name!r} is not a candidate ({sorted(self.candidates)})")
+        self.cache[key] = Choice(name)
+
+    def _drop(self, dropped: dict[str, str], name: str, reason: str) -> None:
+        dropped[name] = reason
+        if name not in self._warned:
+            self._warned.add(name)
+            where = f" for {self.label}" if self.label else ""
+            warnings.warn(f"deprune_plugin: kernel {name!r}{where} dropped: {reason}", RuntimeWarning, stacklevel=4)
+
+    def _time(self, fn: Callable[[], Any], device: torch.device) -> CallTime:
+        for _ in range(self.warmup):
+            fn()
+        samples = [_as_call_time(self.timer(fn, device)) for _ in range(self.reps)]
+        return CallTime(statistics.median(s.device_s for s in samples), statistics.median(s.host_s for s in samples))
+
     def select(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Choice:
-        """Time every candidate on ``x`` (unless cached) and return the cached :class:`Choice`."""
+        """Check and time every candidate on ``x`` (unless cached) and return the cached :class:`Choice`."""
         key = dispatch_key(x)
         cached = self.cache.get(key)
         if cached is not None:
@@ -92,24 +162,45 @@ class KernelDispatcher:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("KernelDispatcher: no choice cached for this input while a CUDA graph is being"
                                " captured; run one warm-up call with the same input signature before capture")
-        timings: dict[str, float] = {}
-        errors: dict[str, str] = {}
+        with self._lock:
+            cached = self.cache.get(key)  # another thread may have selected meanwhile
+            if cached is not None:
+                return cached
+            choice = self._select(x, args, kwargs)
+            self.cache[key] = choice
+            return choice
+
+    def _select(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Choice:
+        dropped: dict[str, str] = {}
+        ref = self.candidates[self.reference](x, *args, **kwargs)  # raises: nothing to fall back to
+        passed = [self.reference]
         for name, fn in self.candidates.items():
-            def call(fn=fn):
-                return fn(x, *args, **kwargs)
+            if name == self.reference:
+                continue
             try:
-                for _ in range(self.warmup):
-                    call()
-                timings[name] = statistics.median(self.timer(call, x.device) for _ in range(self.reps))
-            except Exception as exc:  # a candidate that cannot run this input is skipped, reason kept
-                errors[name] = f"{type(exc).__name__}: {exc}"
-        if not timings:
-            detail = "; ".join(f"{k}: {v}" for k, v in errors.items())
-            raise RuntimeError(f"KernelDispatcher: every candidate failed for input {key}: {detail}")
-        best = min(timings, key=timings.__getitem__)  # min keeps the first of equal times
-        choice = self.cache[key] = Choice(best, timings, errors)
-        return choice
+                out = fn(x, *args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run this input is dropped, below
+                if is_cuda_error(exc):
+                    raise
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)  # surfaces a sticky error the candidate may have left
+                self._drop(dropped, name, f"raised {type(exc).__name__}: {exc}")
+                continue
+            if self.check:
+                agree = agreement(out, ref, x.dtype)
+                if not agree.ok:
+                    self._drop(dropped, name, f"disagrees with {self.reference}: {agree.reason}")
+                    continue
+            passed.append(name)
+        timings: dict[str, float] = {}
+        host: dict[str, float] = {}
+        for name in passed:
+            fn = self.candidates[name]
+            t = self._time(lambda fn=fn: fn(x, *args, **kwargs), x.device)
+            timings[name], host[name] = t.device_s, t.host_s
+        best = min((n for n in self.candidates if n in timings), key=timings.__getitem__)  # first of ties
+        return Choice(best, timings, host, dropped)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """Run the fastest candidate for ``x``'s signature (timing all of them on first use)."""
+        """Run the fastest correct candidate for ``x``'s signature (checking and timing them on first use)."""
         return self.candidates[self.select(x, *args, **kwargs).name](x, *args, **kwargs)
