@@ -41,7 +41,7 @@ def _candidates(clock: FakeClock, costs: dict, calls: dict[str, int], wrong: fro
 def test_picks_fastest_and_runs_it():
     clock, calls = FakeClock(), {}
     d = KernelDispatcher(_candidates(clock, {"dense": 3.0, "direct": 1.0, "dr": 2.0}, calls),
-                         warmup=2, reps=5, timer=clock.timer)
+                         warmup=2, reps=5, calls_per_sample=1, timer=clock.timer)
     x = torch.arange(6.0).reshape(1, 1, 2, 3)
     assert torch.equal(d(x), x * 2)
     key = dispatch_key(x)
@@ -75,11 +75,20 @@ def test_the_check_can_fail_only_when_outputs_differ():
     assert d.select(torch.ones(2, 3)).dropped == {} and d.select(torch.ones(2, 3)).name == "direct"
 
 
+def test_samples_batch_calls_and_report_per_call_times():
+    clock, calls = FakeClock(), {}
+    d = KernelDispatcher(_candidates(clock, {"dense": 3.0, "direct": 1.0}, calls), warmup=1, reps=3,
+                         calls_per_sample=4, timer=clock.timer)
+    choice = d.select(torch.ones(3))
+    assert choice.timings == {"dense": 3.0, "direct": 1.0}  # per call, not per 4-call sample
+    assert calls == {"dense": 1 + 1 + 3 * 4, "direct": 1 + 1 + 3 * 4}  # check + warm-up + 3 samples of 4
+
+
 def test_uses_the_median_of_the_repetitions():
     clock, calls = FakeClock(), {}
     spikes = itertools.chain([100.0, 1.0, 1.0, 1.0, 1.0], itertools.repeat(1.0))  # an outlier must not decide
     costs = {"a": lambda x: next(spikes), "b": 1.5}
-    d = KernelDispatcher(_candidates(clock, costs, calls), warmup=0, reps=5, timer=clock.timer)
+    d = KernelDispatcher(_candidates(clock, costs, calls), warmup=0, reps=5, calls_per_sample=1, timer=clock.timer)
     d(torch.zeros(2))
     assert d.choice(dispatch_key(torch.zeros(2))) == "a"
 
@@ -187,7 +196,7 @@ def test_selection_is_thread_safe_one_selection_per_signature():
             time.sleep(0.01)
             return x * 2
         return run
-    d = KernelDispatcher({"dense": slow("dense"), "direct": slow("direct")}, warmup=0, reps=1,
+    d = KernelDispatcher({"dense": slow("dense"), "direct": slow("direct")}, warmup=0, reps=1, calls_per_sample=1,
                          timer=lambda fn, dev: (fn(), 1.0)[1])
     x = torch.ones(4)
     threads = [threading.Thread(target=d, args=(x,)) for _ in range(4)]
@@ -225,6 +234,8 @@ def test_constructor_validation():
         KernelDispatcher({"x": 3})
     with pytest.raises(ValueError, match="reps"):
         KernelDispatcher({"x": lambda x: x}, reps=0)
+    with pytest.raises(ValueError, match="calls_per_sample"):
+        KernelDispatcher({"x": lambda x: x}, calls_per_sample=0)
 
 
 # ---- the timer ----------------------------------------------------------------------------------

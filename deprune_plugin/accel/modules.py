@@ -167,11 +167,13 @@ class FastDWConv(nn.Module):
         return apply_activation(self.act, y)
 
     def formats(self) -> dict[str, Any]:
-        """The compact formats (:class:`CompactTaps` ``"taps"``, :class:`DRColumns` ``"dr"``) on the buffers'
-        current device, rebuilt (and validated once) after a move."""
+        """The compact formats (:class:`CompactTaps` ``"taps"``, :class:`DRColumns` ``"dr"``) and the fp32
+        ``"bias"`` on the buffers' current device, rebuilt (and validated once) after a move or a change."""
         key = tuple((b.device, b.data_ptr()) for n, b in self._buffers.items() if n.startswith(("taps_", "dr_")))
+        key += ((self.bias.device, self.bias.data_ptr(), self.bias._version),)
         if key != self._formats_key:
             self._formats = {name: _load_format(self, name, cls, self._static[name]) for name, cls in _FORMATS.items()}
+            self._formats["bias"] = self.bias.float().contiguous()  # once, not a cast launch per call
             self._formats_key = key
         return self._formats
 
@@ -184,11 +186,10 @@ class FastDWConv(nn.Module):
         top, bottom, left, right = self.pads(x)
         padding = (top, left) if (top, left) == (bottom, right) else (top, bottom, left, right)
         conv = dict(stride=self.stride, padding=padding, dilation=self.dilation, act=self.act, backend=backend)
-        bias = self.bias.float()
         if name == "direct":
-            return dw_direct(x, fmt["taps"], bias, **conv)
+            return dw_direct(x, fmt["taps"], fmt["bias"], **conv)
         if name == "dr":
-            return dw_dr(x, fmt["dr"], bias, **conv)
+            return dw_dr(x, fmt["dr"], fmt["bias"], **conv)
         raise ValueError(f"unknown kernel {name!r}")
 
     def dispatcher(self) -> KernelDispatcher:

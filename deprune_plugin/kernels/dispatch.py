@@ -97,6 +97,7 @@ class KernelDispatcher:
             dropped; if it raises, selection raises.
         warmup: untimed calls per candidate (compilation, cuDNN autotuning, caches).
         reps: timed samples per candidate; the median is compared.
+        calls_per_sample: back-to-back calls in one timed sample (one host sync per sample, not per call).
         timer: ``timer(fn, device) -> CallTime | seconds`` for one call; default
             :func:`deprune_plugin.core.timing.time_call`. Injectable for tests.
         check: compare candidates with the reference before timing them (default True).
@@ -107,21 +108,23 @@ class KernelDispatcher:
     """
 
     def __init__(self, candidates: Mapping[str, Callable[..., Any]], *, reference: str | None = None,
-                 warmup: int = 3, reps: int = 10, timer: Timer | None = None, check: bool = True,
-                 label: str = "") -> None:
+                 warmup: int = 2, reps: int = 5, calls_per_sample: int = 4, timer: Timer | None = None,
+                 check: bool = True, label: str = "") -> None:
         if not candidates:
             raise ValueError("candidates must name at least one callable")
         for name, fn in candidates.items():
             if not callable(fn):
                 raise TypeError(f"candidate {name!r} is not callable")
-        if warmup < 0 or reps < 1:
-            raise ValueError(f"need warmup >= 0 and reps >= 1, got warmup={warmup}, reps={reps}")
+        if warmup < 0 or reps < 1 or calls_per_sample < 1:
+            raise ValueError(f"need warmup >= 0, reps >= 1 and calls_per_sample >= 1, got warmup={warmup}, "
+                             f"reps={reps}, calls_per_sample={calls_per_sample}")
         self.candidates = dict(candidates)
         self.reference = reference if reference is not None else next(iter(self.candidates))
         if self.reference not in self.candidates:
             raise ValueError(f"reference {self.reference!r} is not a candidate ({sorted(self.candidates)})")
         self.warmup = warmup
         self.reps = reps
+        self.calls_per_sample = calls_per_sample
         self.timer: Timer = timer or time_call
         self.check = check
         self.label = label
@@ -150,8 +153,14 @@ class KernelDispatcher:
     def _time(self, fn: Callable[[], Any], device: torch.device) -> CallTime:
         for _ in range(self.warmup):
             fn()
-        samples = [_as_call_time(self.timer(fn, device)) for _ in range(self.reps)]
-        return CallTime(statistics.median(s.device_s for s in samples), statistics.median(s.host_s for s in samples))
+        n = self.calls_per_sample
+
+        def batch() -> None:
+            for _ in range(n):
+                fn()
+        samples = [_as_call_time(self.timer(batch, device)) for _ in range(self.reps)]
+        return CallTime(statistics.median(s.device_s for s in samples) / n,
+                        statistics.median(s.host_s for s in samples) / n)
 
     def select(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Choice:
         """Check and time every candidate on ``x`` (unless cached) and return the cached :class:`Choice`."""
