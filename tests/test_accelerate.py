@@ -13,11 +13,7 @@ from deprune_plugin.accel import AccelerateConfig, FastDWConv, memory_report
 from deprune_plugin.accel.fold import fold_bn
 from deprune_plugin.core.masks import tap_mask
 from deprune_plugin.core.zoo import build_model, classifier_of
-
-MODELS = [("timm", "mobilenetv2_100"), ("timm", "mobilenetv3_small_100"), ("timm", "mobilenetv3_large_100"),
-          ("timm", "efficientnet_b0"), ("timm", "convnext_atto"), ("timm", "mixnet_s"),
-          ("torchvision", "mobilenet_v2"), ("torchvision", "mobilenet_v3_small"),
-          ("torchvision", "efficientnet_b0"), ("torchvision", "convnext_tiny")]
+from zoo_models import SMALL_MODELS, ids
 
 
 def randomize_bn(model):
@@ -37,7 +33,7 @@ def quiet_accelerate(model, **kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,name", MODELS, ids=[f"{s}-{n}" for s, n in MODELS])
+@pytest.mark.parametrize("source,name", SMALL_MODELS, ids=ids(SMALL_MODELS))
 @pytest.mark.parametrize("pruned", [True, False], ids=["pruned", "unpruned"])
 def test_outputs_match_the_eval_model(source, name, pruned):
     model = build_model(source, name, num_classes=10)

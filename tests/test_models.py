@@ -9,15 +9,11 @@ from deprune_plugin import DEPruner
 from deprune_plugin.core.masks import is_depthwise, tap_mask
 from deprune_plugin.core.method import kept_per_range
 from deprune_plugin.core.zoo import build_model, classifier_of
-
-MODELS = [("timm", "mobilenetv2_100"), ("timm", "mobilenetv3_small_100"), ("timm", "mobilenetv3_large_100"),
-          ("timm", "efficientnet_b0"), ("timm", "convnext_base"), ("timm", "mixnet_s"),
-          ("torchvision", "mobilenet_v2"), ("torchvision", "mobilenet_v3_small"),
-          ("torchvision", "efficientnet_b0"), ("torchvision", "convnext_tiny")]
+from zoo_models import MODELS, ids
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,name", MODELS, ids=[f"{s}-{n}" for s, n in MODELS])
+@pytest.mark.parametrize("source,name", MODELS, ids=ids(MODELS))
 def test_model_prunes_with_the_specified_structure(source, name):
     model = build_model(source, name, num_classes=10)
     x = torch.randn(2, 3, 64, 64)
