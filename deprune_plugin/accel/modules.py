@@ -71,7 +71,7 @@ def _encode_choice(key: tuple, name: str) -> list[int]:
 
 def _decode_choice(row: list[int]) -> tuple[tuple, str]:
     n, c, h, w, dtype, layout, is_cuda, index, kernel = row
-    device = ("cuda" if is_cuda else "cpu") + ("" if index < 0 else f":{index}")
+    device = torch.device("cuda" if is_cuda else "cpu", None if index < 0 else index)
     return ((n, c, h, w), _DTYPES[dtype], device, _LAYOUTS[layout]), _KERNELS[kernel]
 
 
@@ -137,7 +137,7 @@ class FastDWConv(nn.Module):
             "dr": _store_format(self, "dr", DRColumns.from_dense(w32, keep32, group_size=group_size, tile=tile)),
         }
         self._formats: dict[str, Any] = {}
-        self._formats_key: tuple = ()
+        self._generation, self._formats_gen = 0, -1
         self.choices: dict[tuple, str] = {}  # dispatch_key -> candidate name, kept across copies and saves
         self._dispatcher: KernelDispatcher | None = None
 
@@ -168,14 +168,19 @@ class FastDWConv(nn.Module):
 
     def formats(self) -> dict[str, Any]:
         """The compact formats (:class:`CompactTaps` ``"taps"``, :class:`DRColumns` ``"dr"``) and the fp32
-        ``"bias"`` on the buffers' current device, rebuilt (and validated once) after a move or a change."""
-        key = tuple((b.device, b.data_ptr()) for n, b in self._buffers.items() if n.startswith(("taps_", "dr_")))
-        key += ((self.bias.device, self.bias.data_ptr(), self.bias._version),)
-        if key != self._formats_key:
+        ``"bias"`` on the buffers' current device, rebuilt (and validated once) after a move or a load.
+
+        Cached per generation: :meth:`_apply` (``.to``, ``.cuda``, ``.half``, ...) and state-dict loads start
+        a new one; a call costs an integer comparison. (Writing the buffers by hand is not noticed.)"""
+        if self._formats_gen != self._generation:
             self._formats = {name: _load_format(self, name, cls, self._static[name]) for name, cls in _FORMATS.items()}
             self._formats["bias"] = self.bias.float().contiguous()  # once, not a cast launch per call
-            self._formats_key = key
+            self._formats_gen = self._generation
         return self._formats
+
+    def _apply(self, fn, recurse: bool = True):
+        self._generation += 1
+        return super()._apply(fn, recurse)
 
     def run_kernel(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One kernel (``"direct"`` or ``"dr"``) on ``x`` through the module's kernel backend."""
@@ -213,10 +218,11 @@ class FastDWConv(nn.Module):
             return self._compiled_forward(x)
         if not self._uses_kernels(x) or torch.jit.is_tracing():
             return self.dense(x)
-        d = self.dispatcher()
-        choice = d.select(x, self)
-        self.choices.setdefault(dispatch_key(x), choice.name)
-        return d.candidates[choice.name](x, self)
+        key = dispatch_key(x)
+        name = self.choices.get(key)
+        if name is None:  # first call with this signature: check and time the candidates
+            name = self.choices[key] = self.dispatcher().select(x, self).name
+        return self.dense(x) if name == "dense" else self.run_kernel(name, x)
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Under torch.compile / torch.export: the kernel chosen ahead of time for this signature (see
@@ -249,6 +255,7 @@ class FastDWConv(nn.Module):
         rows = state_dict.pop(prefix + _CHOICES_KEY, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        self._generation += 1  # buffers were overwritten in place
         if rows is not None:
             state_dict[prefix + _CHOICES_KEY] = rows  # leave the caller's dict as it was
             self.choices = dict(_decode_choice(r) for r in rows.tolist())
@@ -257,5 +264,5 @@ class FastDWConv(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_dispatcher"] = None  # holds compiled kernels and a lock: rebuilt on first use
-        state["_formats"], state["_formats_key"] = {}, ()
+        state["_formats"], state["_formats_gen"] = {}, -1
         return state

@@ -58,7 +58,7 @@ def _memory_format(x: torch.Tensor) -> str:
 
 def dispatch_key(x: torch.Tensor) -> tuple[Hashable, ...]:
     """Cache key of an input: ``(shape, dtype, device, memory format)``."""
-    return tuple(x.shape), x.dtype, str(x.device), _memory_format(x)
+    return tuple(x.shape), x.dtype, x.device, _memory_format(x)
 
 
 @dataclass
