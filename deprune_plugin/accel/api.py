@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .convert import ReportEntry, plan_edits
 from .fold import find_chains, trace_calls
+from .fused import FusedDSConv, fused_kernel_available, plan_pair_edits
 from .graphs import CUDAGraphModel
 from .modules import FastDWConv
 from .selfcheck import check_inputs, verify_edits
@@ -31,6 +32,8 @@ class AccelerateConfig:
         channels_last: run the model in channels_last (oneDNN's fast DW path on CPU, cuDNN's on GPU).
         fold_batchnorm: fold every conv -> BatchNorm pair (not only depth-wise ones).
         group_size, tile: DR layout for the CUDA DR kernel (match the pruner's).
+        fuse_pairs: on the kernel backend, fuse each DW conv with the 1x1 conv that alone reads its output
+            (:mod:`~deprune_plugin.accel.fused`), chosen per signature against the unfused pair by measurement.
         cuda_graphs: on CUDA, capture the whole forward as one CUDA graph per input signature and replay it
             (:class:`~deprune_plugin.accel.graphs.CUDAGraphModel`): at batch 1 launch overhead dominates.
         torchscript: torch backend on CPU: also trace and freeze the result with TorchScript, which removes
@@ -44,6 +47,7 @@ class AccelerateConfig:
     group_size: int = 32
     tile: int = 32
     cuda_graphs: bool = False
+    fuse_pairs: bool = True
 
 
 @dataclass
@@ -53,7 +57,8 @@ class AccelerateReport:
     Attributes:
         backend: the backend used (after any fallback).
         entries: one :class:`ReportEntry` per module looked at: ``"replaced"`` (FastDWConv), ``"folded"``
-            (BatchNorm folded into a conv) or ``"left"`` (with the reason).
+            (BatchNorm folded into a conv), ``"fused"`` / ``"unfused"`` (DW + PW pairs, with the reason) or
+            ``"left"`` (with the reason).
         fallback_reason: why ``backend="auto"`` fell back, if it did.
         checks: which self-checks ran and their outcome.
         kernels: per replaced layer on the kernel backends, the kernel chosen for the example input's
@@ -72,7 +77,7 @@ class AccelerateReport:
     def __str__(self) -> str:
         lines = [f"accelerate: backend={self.backend}" + (f" (fallback: {self.fallback_reason})"
                                                           if self.fallback_reason else "")]
-        counts = {a: sum(e.action == a for e in self.entries) for a in ("replaced", "folded", "left")}
+        counts = {a: sum(e.action == a for e in self.entries) for a in ("replaced", "folded", "fused", "left")}
         lines.append(", ".join(f"{v} {k}" for k, v in counts.items()))
         lines += [f"  check: {c}" for c in self.checks]
         lines += [f"  {e.action:<8} {e.name}: {e.detail}" for e in self.entries]
@@ -207,6 +212,8 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
         warnings.warn(f"deprune_plugin.accelerate: {len(verdict.reverted)} layer(s) left unaccelerated because "
                       f"their replacement changed the model's output (see deprune_report): "
                       f"{', '.join(e.name for e, _ in verdict.reverted[:5])}", RuntimeWarning, stacklevel=3)
+    if backend == "cupy" and config.fuse_pairs and fused_kernel_available():
+        _fuse_pairs(fast, example_inputs, inputs, prepare, report)
     report.kernels = kernel_choices(fast)
     if backend == "torch" and config.torchscript and device.type == "cpu":
         fast = _freeze(fast, tuple(example_inputs), report)
@@ -227,12 +234,20 @@ def _with_cuda_graphs(fast: nn.Module, device: torch.device, report: AccelerateR
     return wrapped
 
 
+def _fuse_pairs(fast: nn.Module, example_inputs: tuple, inputs: list, prepare, report: AccelerateReport) -> None:
+    edits, unfused = plan_pair_edits(fast, example_inputs)
+    verdict = verify_edits(fast, edits, inputs, prepare)
+    report.checks += [f"DW+PW pairs: {c}" for c in verdict.checks]
+    report.entries += [e.entry for e in verdict.kept] + unfused
+    report.entries += [ReportEntry(e.name, "unfused", why) for e, why in verdict.reverted]
+
+
 def kernel_choices(model: nn.Module) -> dict[str, dict]:
     """Per :class:`FastDWConv` of ``model`` that ran its kernels: the choice made for each input signature
     so far (kernel, device/host time per candidate, dropped candidates and why)."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, FastDWConv) and m._dispatcher is not None:
+        if isinstance(m, (FastDWConv, FusedDSConv)) and m._dispatcher is not None:
             for key, choice in m._dispatcher.cache.items():
                 out[name if len(m._dispatcher.cache) == 1 else f"{name} {key[0]}"] = choice.as_dict()
     return out
