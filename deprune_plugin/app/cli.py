@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer tap-mask report and metrics of a saved model")
     p.add_argument("path", help="a file written by `deprune prune` (or deprune_plugin.serialization.save)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trusted", action="store_true",
+                   help="allow full unpickling for a file that needs it; ONLY for files you made "
+                        "(unpickling can run code from the file). Default: weights only")
     p.set_defaults(func=run_inspect)
     _add_bench(sub)
     return parser
@@ -388,8 +391,10 @@ def _kept_str(kept: list[int]) -> str:
     return ",".join(f"{k}x{n}" if n > 1 else str(k) for k, n in parts)
 
 
-def inspect_report(path: str) -> dict[str, Any]:
+def inspect_report(path: str, trusted: bool = False) -> dict[str, Any]:
     """The tap-mask report of a saved model, recomputed from its masks, plus what the file stores.
+
+    Files are read weights-only; ``trusted`` allows unpickling (only for files you made).
 
     Raises:
         BadInput: the file is missing or not a deprune_plugin model.
@@ -401,13 +406,10 @@ def inspect_report(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         _fail(f"no such file: {path!r}")
     try:
-        model = load(path)
-    except Exception as e:  # noqa: BLE001 - corrupt / foreign files are input problems
-        _fail(f"cannot load {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    try:
-        extra = load_extra(path)
-    except Exception:  # noqa: BLE001 - pickled-module files may need a full unpickle: no extras then
-        extra = {}
+        model = load(path, trusted=trusted)
+        extra = load_extra(path, trusted=trusted)
+    except Exception as e:  # noqa: BLE001 - corrupt / foreign / untrusted files are input problems
+        _fail(f"cannot load {path!r}: {type(e).__name__}: {_one_line(e)}")
     group = int(extra.get("group_size", 32))
     targets = extra.get("dw_targets", {})
     layers = []
@@ -454,7 +456,7 @@ def _print_inspect(rep: dict[str, Any]) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``deprune inspect PATH``. Returns the exit status."""
-    rep = inspect_report(args.path)
+    rep = inspect_report(args.path, trusted=args.trusted)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
