@@ -86,9 +86,10 @@ class Summary:
                 f"{'K per range':<18} {'PW before->after':>16}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
+            pw = f"{r.pw_before:>7} -> {r.pw_after:<6}" if r.pw_names else f"{'-':>17}"  # no PW-conv2 known
             lines.append(f"{r.name[-34:]:<34} {r.kernel[0]}x{r.kernel[1]:<3} {r.channels:>5} "
                          f"{r.target_ratio:>7.2%} {r.real_ratio:>7.2%} {r.hsr:>3}  {_kept_str(r.kept_per_range):<18} "
-                         f"{r.pw_before:>7} -> {r.pw_after:<6}")
+                         f"{pw}")
         lines.append("-" * len(head))
         lines.append(f"variant {self.variant}: DW ratio {self.dw_ratio:.2%}, DW HSR {self.dw_hsr_pattern}, "
                      f"PW HSR {self.pw_hsr_pattern}")
