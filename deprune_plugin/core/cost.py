@@ -15,6 +15,10 @@ import torch.nn as nn
 from .masks import tap_mask
 
 
+PARAMS_LABEL = "params (pruned DW taps not counted)"
+"""How every report labels :func:`count_params` (``deprune prune``, ``deprune inspect``, ``Summary``)."""
+
+
 @dataclass(frozen=True)
 class Cost:
     """Per-sample MACs and parameter count of a model."""
@@ -29,7 +33,7 @@ def _kept_weights(m: nn.Module) -> int:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters minus pruned DW taps."""
+    """The one parameter count of the package: all parameters minus pruned DW taps (:data:`PARAMS_LABEL`)."""
     total = sum(p.numel() for p in model.parameters())
     for m in model.modules():
         mask = tap_mask(m)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .cost import Cost
+from .cost import PARAMS_LABEL, Cost
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Summary:
         lines.append("-" * len(head))
         lines.append(f"variant {self.variant}: DW ratio {self.dw_ratio:.2%}, DW HSR {self.dw_hsr_pattern}, "
                      f"PW HSR {self.pw_hsr_pattern}")
-        lines.append(f"params {self.before.params / 1e6:.3f} M -> {self.after.params / 1e6:.3f} M "
+        lines.append(f"{PARAMS_LABEL} {self.before.params / 1e6:.3f} M -> {self.after.params / 1e6:.3f} M "
                      f"({self.after.params / max(self.before.params, 1):.1%}); "
                      f"MACs {self.before.macs / 1e6:.1f} M -> {self.after.macs / 1e6:.1f} M "
                      f"({self.after.macs / max(self.before.macs, 1):.1%})")
