@@ -222,10 +222,15 @@ def test_summary_rows_and_sparse_macs():
     r = s[1]
     assert (r.name, r.kernel, r.channels, r.kept_per_range) == ("blocks.1.0.conv_dw", (3, 3), 96, [64, 64, 64])
     assert (r.pw_before, r.pw_after) == (24, 12) and r.real_ratio == pytest.approx(224 / 288)
-    # MACs of one DW layer count kept taps only: blocks.1.0 at 64x64 input -> 16x16 output, 192 kept taps
-    from deprune_plugin.core.cost import count_cost
+    # MACs of one DW layer count kept taps only: blocks.1.0 at 64x64 input -> 16x16 output (stem and this
+    # conv have stride 2); BWT keeps 64 of 288 taps in each of its 3 ranges of 32 channels: 192 kept taps
+    from deprune_plugin.core.cost import count_cost, layer_macs
+    per_layer = layer_macs(m, (X,))
+    assert per_layer["blocks.1.0.conv_dw"] == 16 * 16 * 192
+    assert per_layer["blocks.1.0.conv_pwl"] == 16 * 16 * 96 * 12  # 1x1, 96 -> 12 filters after PW pruning
+    assert s.after.macs == sum(per_layer.values())
     dense = count_cost(mbv2(), (X,)).macs
-    assert s.before.macs == dense and s.after.macs < dense
+    assert s.before.macs == dense and layer_macs(mbv2(), (X,))["blocks.1.0.conv_dw"] == 16 * 16 * 96 * 9
     pruned_taps = sum(r.channels * 9 - sum(r.kept_per_range) for r in s)
     assert s.before.params - s.after.params > pruned_taps
     text = str(s)
