@@ -141,6 +141,8 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "inspect missing file": (["inspect", str(tmp / "missing.pt")], "missing.pt"),
         "inspect foreign file": (["inspect", str(tmp / "junk.pt")], "junk.pt"),
         "one training image": (["prune", *TINY, "--limit", "1", *out], "at least 2"),
+        "a model torch-pruning cannot trace": (["prune", "--source", "torchvision", "--model", "shufflenet_v2_x0_5",
+                                                *TINY, *out], "--pw 0"),
         "bench batch negative": (["bench", "--batch", "-1"], "--batch"),
         "bench batch zero": (["bench", "--batch", "0"], "--batch"),
         "bench threads negative": (["bench", "--threads", "-1"], "--threads"),

@@ -295,7 +295,8 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
         pruner = DEPruner(model, example, dw_pruning_ratio=args.dw, pw_pruning_ratio=args.pw,
                           variant=args.variant, iterative_steps=args.steps, ignored_layers=[classifier_of(model)])
     except (ValueError, TypeError) as e:
-        _fail(f"cannot prune {args.model!r}: {e}")
+        hint = " (on the command line: --pw 0)" if "pw_pruning_ratio=0" in str(e) else ""
+        _fail(f"cannot prune {args.model!r}: {e}{hint}")
     skipped = skipped_images(train_loader) + skipped_images(test_loader)
     if skipped:
         _warn(f"skipped {len(skipped)} unreadable image(s) of {args.data!r}, e.g. {skipped[0]}")
