@@ -17,10 +17,11 @@ from .accel import AccelerateConfig, accelerate
 from .core.masks import remove_tap_masks, tap_mask
 from .core.summary import LayerRow, Summary
 from .tp_glue.importance import DEPruneImportance
+from .tp_glue.limits import TorchPruningFailure
 from .tp_glue.pruner import VARIANTS, DEPruner
 from .tp_glue.serialization import load, save
 
 __version__ = "0.1.0"
 
 __all__ = ["DEPruner", "DEPruneImportance", "accelerate", "AccelerateConfig", "save", "load", "VARIANTS",
-           "Summary", "LayerRow", "tap_mask", "remove_tap_masks"]
+           "Summary", "LayerRow", "tap_mask", "remove_tap_masks", "TorchPruningFailure"]

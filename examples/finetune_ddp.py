@@ -6,10 +6,13 @@
 Uses NCCL on GPUs (one per process) and Gloo on CPU. Every replica loads (or builds and prunes, with the
 same seed) the same model; DDP then broadcasts rank 0's parameters and buffers, tap masks included, and
 all-reduces gradients that the masks' hooks have already zeroed at pruned taps, so pruned taps stay exactly
-zero on every replica. At the end rank 0 prints two check lines (parsed by tests/test_ddp.py):
+zero on every replica. Each step is a two-view step (the batch and its mirror image: two forwards through
+the DDP model, then one backward), the pattern of consistency and contrastive losses. At the end rank 0
+prints three check lines (parsed by tests/test_ddp.py):
 
     check: pruned taps exactly zero: True (...)
     check: replicas identical: True (...)
+    check: two forwards then one backward: True (...)
 
 and saves the fine-tuned model (rebuildable with ``deprune_plugin.tp_glue.serialization.load``).
 """
@@ -113,15 +116,18 @@ def main(argv: list[str] | None = None) -> int:
         loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True)
         opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
         loss_fn = nn.CrossEntropyLoss()
-        step, epoch = 0, 0
+        step, epoch, two_view_steps = 0, 0, 0
         while step < args.steps:
             sampler.set_epoch(epoch)  # a different shuffle each epoch, the same on every rank
             for x, y in loader:
-                loss = loss_fn(ddp(x.to(device)), y.to(device))
+                x, y = x.to(device), y.to(device)
+                # two forwards, one backward: the masks must not write weights between the forwards
+                loss = 0.5 * (loss_fn(ddp(x), y) + loss_fn(ddp(torch.flip(x, dims=[3])), y))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
+                two_view_steps += 1
                 if rank == 0 and (step % 10 == 0 or step == args.steps):
                     print(f"step {step}/{args.steps} loss {loss.item():.4f}", flush=True)
                 if step >= args.steps:
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"check: pruned taps exactly zero: {ok_zero} ({int(counts[0].item())} non-zero of "
                   f"{int(counts[1].item())} pruned taps over {world} replicas)", flush=True)
             print(f"check: replicas identical: {identical} ({world} replicas, checksum {checksum:.10e})", flush=True)
+            print(f"check: two forwards then one backward: {two_view_steps == args.steps} "
+                  f"({two_view_steps} two-view steps of {args.steps})", flush=True)
             model.cpu()
             save(model, args.out, history=recipe["history"], arch=recipe["arch"], input_shape=recipe["input_shape"],
                  extra={"ddp": {"world_size": world, "steps": args.steps, "backend": dist.get_backend()}})

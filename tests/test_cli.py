@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--limit", "200", "--image-size", "32", "--pretrain-epochs", "1", "--finetune-epochs", "1",
         "--latency-reps", "3", "--latency-batch", "4", "--quiet", "--device", "cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BENCH_TINY = ["--models", "mobilenetv3_small_050", "--batch", "1", "--reps", "1", "--image-size", "32",
+              "--device", "cpu", "--quiet"]
+# in-process runs: a small model and little data, seconds each
+QUICK = ["--model", "mobilenetv3_small_050", "--limit", "40", "--image-size", "32", "--pretrain-epochs", "1",
+         "--finetune-epochs", "1", "--latency-reps", "2", "--latency-batch", "2", "--quiet", "--device", "cpu"]
 
 
 def deprune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -135,6 +140,15 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown subcommand": (["shrink"], "shrink"),
         "inspect missing file": (["inspect", str(tmp / "missing.pt")], "missing.pt"),
         "inspect foreign file": (["inspect", str(tmp / "junk.pt")], "junk.pt"),
+        "one training image": (["prune", *TINY, "--limit", "1", *out], "at least 2"),
+        "a model torch-pruning cannot trace": (["prune", "--source", "torchvision", "--model", "shufflenet_v2_x0_5",
+                                                *TINY, *out], "--pw 0"),
+        "bench batch negative": (["bench", "--batch", "-1"], "--batch"),
+        "bench batch zero": (["bench", "--batch", "0"], "--batch"),
+        "bench threads negative": (["bench", "--threads", "-1"], "--threads"),
+        "bench ratio too big": (["bench", "--dw", "1.5"], "--dw"),
+        "bench json into a missing folder": (["bench", *BENCH_TINY, "--json", str(tmp / "nowhere" / "r.json")],
+                                             "nowhere"),
     }
 
 
@@ -237,3 +251,144 @@ def test_prune_on_an_imagefolder_tree(tmp_path, capsys):
     model = load(tmp_path / "m.pt").eval()  # (load traces with autograd: not under no_grad)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+# ---------------------------------------------------------------- a finished run is never lost (issue 9)
+def _flush_to_zero() -> bool:
+    return bool((torch.full((1,), 1e-30) * 1e-10).item() == 0.0)
+
+
+def test_latency_failure_is_a_warning_and_the_model_and_figure_are_saved(tmp_path, capsys, monkeypatch):
+    import deprune_plugin.core.timing as timing
+
+    def broken(*a, **k):
+        raise RuntimeError("timer exploded\nsecond line")
+
+    monkeypatch.setattr(timing, "interleaved_medians", broken)
+    code = main(["prune", *QUICK, "--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.strip().splitlines() == ["deprune: warning: latency not measured: RuntimeError: timer exploded second line"]
+    assert (tmp_path / "m.png").read_bytes().startswith(PNG_MAGIC)
+    assert "latency_ms" not in load_extra(tmp_path / "m.pt")["metrics"]
+    assert load(tmp_path / "m.pt")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_an_accelerated_model_that_fails_is_dropped_from_timing_with_one_warning(tmp_path, capsys, monkeypatch):
+    import deprune_plugin.accel as accel
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("kernel launch failed")
+
+    monkeypatch.setattr(accel, "accelerate", lambda *a, **k: Broken())
+    code = main(["prune", *QUICK, "--no-figure", "--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert len(err.strip().splitlines()) == 1 and "kernel launch failed" in err and "warning" in err
+    assert set(load_extra(tmp_path / "m.pt")["metrics"]["latency_ms"]) == {"before", "after"}
+
+
+@pytest.mark.parametrize("limit,batch", [("65", "64"), ("3", "2")])
+def test_a_last_batch_of_one_is_dropped(tmp_path, capsys, limit, batch):
+    code = main(["prune", *QUICK, "--limit", limit, "--batch-size", batch, "--no-figure",
+                 "--out", str(tmp_path / "m.pt")])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "m.pt").is_file()
+
+
+def test_train_drops_the_incomplete_last_batch_only():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deprune_plugin.app.training import train
+
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    data = TensorDataset(torch.randn(9, 4), torch.randint(0, 3, (9,)))
+    train(model, DataLoader(data, batch_size=4), 2, quiet=True)
+    assert seen == [4, 4, 4, 4]  # 9 = 4 + 4 + 1: the 1 is dropped, every epoch
+    seen.clear()
+    train(model, DataLoader(TensorDataset(torch.randn(3, 4), torch.randint(0, 3, (3,))), batch_size=8), 1, quiet=True)
+    assert seen == [3]  # the only batch is kept when it can train BatchNorm
+    with pytest.raises(ValueError, match="at least 2"):
+        train(model, DataLoader(TensorDataset(torch.randn(1, 4), torch.zeros(1, dtype=torch.long)), batch_size=8), 1)
+
+
+def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
+    data = _image_tree(tmp_path / "data")
+    (data / "class1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    code = main(["prune", *QUICK, "--data", str(data), "--limit", "100", "--no-figure", "--out", str(tmp_path / "m.pt")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "skipped 1 unreadable image(s)" in lines[0] and "broken.png" in lines[0], err
+
+
+def test_internal_error_is_one_line_with_the_way_to_the_traceback(tmp_path, capsys, monkeypatch):
+    from deprune_plugin.tp_glue.pruner import DEPruner
+
+    def boom(self, interactive=False):
+        raise ZeroDivisionError("integer division or modulo by zero")
+
+    monkeypatch.setattr(DEPruner, "step", boom)
+    args = ["prune", *QUICK, "--pretrain-epochs", "0", "--finetune-epochs", "0", "--no-figure",
+            "--out", str(tmp_path / "m.pt")]
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.strip().splitlines() == ["deprune: internal error: ZeroDivisionError: integer division or modulo by zero "
+                                        "(run again with --debug or DEPRUNE_DEBUG=1 for the traceback)"]
+    with pytest.raises(ZeroDivisionError):
+        main([*args, "--debug"])
+    monkeypatch.setenv("DEPRUNE_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        main(args)
+
+
+def test_bench_json_folder_is_checked_before_the_benchmark_runs(tmp_path, capsys, monkeypatch):
+    from deprune_plugin.app import bench
+
+    ran = []
+    monkeypatch.setattr(bench, "run", lambda args: ran.append(args))
+    code = main(["bench", *BENCH_TINY, "--json", str(tmp_path / "nowhere" / "r.json")])
+    assert code == 2 and ran == [] and "nowhere" in capsys.readouterr().err
+
+
+def test_flush_denormal_is_restored_on_every_exit_path(tmp_path, capsys, monkeypatch):
+    assert not _flush_to_zero()
+    main(["prune", *QUICK, "--no-figure", "--out", str(tmp_path / "m.pt")])  # success
+    assert not _flush_to_zero()
+    main(["prune", "--model", "no_such_net", *QUICK, "--out", str(tmp_path / "x.pt")])  # bad input
+    assert not _flush_to_zero()
+    from deprune_plugin.tp_glue.pruner import DEPruner
+
+    monkeypatch.setattr(DEPruner, "step", lambda self, interactive=False: 1 / 0)
+    main(["prune", *QUICK, "--pretrain-epochs", "0", "--no-figure", "--out", str(tmp_path / "y.pt")])  # internal error
+    assert not _flush_to_zero()
+    torch.set_flush_denormal(True)  # a caller's own setting is kept too
+    try:
+        main(["prune", "--model", "no_such_net", *QUICK, "--out", str(tmp_path / "x.pt")])
+        assert _flush_to_zero()
+    finally:
+        torch.set_flush_denormal(False)
+    capsys.readouterr()
+
+
+def test_prune_and_inspect_print_the_same_labelled_parameter_count(pruned_run):
+    import re
+
+    from deprune_plugin.core.cost import PARAMS_LABEL, count_params
+
+    out, proc = pruned_run
+    assert proc.returncode == 0, proc.stderr
+    pattern = re.escape(PARAMS_LABEL) + r" [\d.]+ M -> ([\d.]+) M"
+    from_prune = re.search(pattern, proc.stdout)
+    rep = deprune("inspect", str(out / "model.pt"), cwd=out)
+    from_inspect_header = re.search(re.escape(PARAMS_LABEL) + r" ([\d.]+) M", rep.stdout)
+    from_inspect_metrics = re.search(pattern, rep.stdout)
+    assert from_prune and from_inspect_header and from_inspect_metrics, (proc.stdout, rep.stdout)
+    assert from_prune.group(1) == from_inspect_header.group(1) == from_inspect_metrics.group(1)
+    assert from_prune.group(1) == f"{count_params(load(out / 'model.pt')) / 1e6:.3f}"
+    data = json.loads(deprune("inspect", "--json", str(out / "model.pt"), cwd=out).stdout)
+    assert data["params"] == count_params(load(out / "model.pt")) and data["params_definition"] == PARAMS_LABEL

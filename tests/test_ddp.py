@@ -33,13 +33,14 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def check_lines(stdout: str) -> dict[str, bool]:
     return {m.group(1): m.group(2) == "True"
-            for m in re.finditer(r"^check: (pruned taps exactly zero|replicas identical): (True|False)", stdout, re.M)}
+            for m in re.finditer(r"^check: (pruned taps exactly zero|replicas identical|two forwards then one backward): (True|False)", stdout, re.M)}
 
 
 def assert_clean_run(proc: subprocess.CompletedProcess, out: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checks = check_lines(proc.stdout)
-    assert checks == {"pruned taps exactly zero": True, "replicas identical": True}, proc.stdout
+    assert checks == {"pruned taps exactly zero": True, "replicas identical": True,
+                      "two forwards then one backward": True}, proc.stdout
     model = load(out)
     convs = list(masked_convs(model))
     assert convs
@@ -68,3 +69,4 @@ def test_ddp_finetunes_a_saved_model(tmp_path):
     before, after = load(src), load(out)
     for (name, a), (_, b) in zip(masked_convs(before), masked_convs(after)):
         assert torch.equal(tap_mask(a), tap_mask(b)), f"{name}: fine-tuning changed the mask"
+        assert not torch.equal(a.weight, b.weight), f"{name}: DDP fine-tuning did not train it"

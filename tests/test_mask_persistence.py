@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import socket
 
 import pytest
 import timm
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch_pruning as tp
 
@@ -135,41 +132,101 @@ def test_remove_tap_masks_makes_a_plain_model():
     assert m(X).shape == (4, 10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_two_forwards_then_one_backward():
+    """Two-view / consistency losses: the weights must not change between the forwards."""
+    m, _ = pruned_model()
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    for _ in range(2):
+        opt.zero_grad()
+        loss = m(X).square().mean() + m(torch.flip(X, dims=[3])).square().mean()
+        loss.backward()
+        opt.step()
+    assert pruned_taps_are_zero(m) and kept_taps_nonzero(m)
 
 
-def _ddp_worker(rank: int, world: int, port: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(rank)  # different data per rank
-    model = load(path)
-    ddp = DDP(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+class TwiceDW(nn.Module):
+    """One depth-wise conv applied twice (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pw1 = nn.Conv2d(3, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False)
+        self.pw2 = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.pw2(self.dw(torch.relu(self.dw(self.pw1(x)))))
+
+
+def test_a_depthwise_conv_used_twice_trains_and_keeps_zeros():
+    m = TwiceDW()
+    DEPruner(m, torch.randn(2, 3, 8, 8), dw_pruning_ratio=0.5, pw_pruning_ratio=0.0, variant="plain").step()
+    keep = tap_mask(m.dw)
+    assert int((~keep).sum()) == 72  # floor(0.5 * 16 * 9)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     for _ in range(3):
         opt.zero_grad()
-        x = torch.randn(4, 3, 32, 32)
-        nn.functional.cross_entropy(ddp(x), torch.randint(0, 10, (4,))).backward()
+        m(torch.randn(2, 3, 8, 8)).sum().backward()
+        assert (m.dw.weight.grad[~keep] == 0).all() and (m.dw.weight.grad[keep] != 0).any()
         opt.step()
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    assert (m.dw.weight[~keep] == 0).all()
 
 
-def test_distributed_data_parallel_two_processes_gloo(tmp_path):
-    m, p = pruned_model()
-    path = str(tmp_path / "m.pt")
-    save(m, path, history=p.pruning_history(), input_shape=(1, 3, 32, 32),
-         arch={"source": "timm", "name": "mobilenetv2_050", "kwargs": {"num_classes": 10}})
-    out = str(tmp_path / "sd")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), path, out), nprocs=2, join=True)
-    sd0, sd1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
-    assert all(torch.equal(sd0[k], sd1[k]) for k in sd0)  # replicas identical
-    for k, v in sd0.items():
-        if k.endswith("dw_tap_mask"):
-            w = sd0[k[: -len("dw_tap_mask")] + "weight"]
-            assert (w[~v] == 0).all() and (w[v] != 0).all()
-    assert not torch.equal(sd0["conv_stem.weight"], m.state_dict()["conv_stem.weight"])  # it did train
+def test_functional_call_leaves_the_callers_tensors_untouched():
+    m, _ = pruned_model()
+    m.eval()
+    params = {k: torch.randn_like(v) for k, v in m.named_parameters()}  # dense: pruned taps non-zero
+    given = {k: v.clone() for k, v in params.items()}
+    own = {k: v.detach().clone() for k, v in m.named_parameters()}
+    y = torch.func.functional_call(m, params, (X,))
+    assert all(torch.equal(params[k], given[k]) for k in params), "functional_call wrote into the caller's tensors"
+    assert all(torch.equal(v, own[k]) for k, v in m.named_parameters())
+    y_again = torch.func.functional_call(m, given, (X,))
+    torch.testing.assert_close(y, y_again, rtol=0, atol=0)  # the given tensors are what ran
+    assert pruned_taps_are_zero(m)
+
+
+@pytest.mark.parametrize("ema_cls", ["ModelEmaV2", "ModelEmaV3"])
+def test_timm_ema_copy_keeps_pruned_taps_zero(ema_cls):
+    import timm.utils
+
+    m, _ = pruned_model()
+    ema = getattr(timm.utils, ema_cls)(m, decay=0.9)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.05)
+    m.train()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(X), torch.randint(0, 10, (4,))).backward()
+        opt.step()
+        ema.update(m)
+    assert pruned_taps_are_zero(ema.module) and pruned_taps_are_zero(m)
+    moved = [not torch.equal(c.weight, e.weight) for (_, c), (_, e) in zip(masked_convs(m), masked_convs(ema.module))]
+    assert any(moved)  # the EMA really averaged (it is not a copy of the model)
+    # the EMA copy itself can be fine-tuned: its replaced Parameters get the gradient mask again
+    train_steps(ema.module, torch.optim.SGD(ema.module.parameters(), lr=0.01, momentum=0.9))
+    assert pruned_taps_are_zero(ema.module)
+
+
+def test_dense_weights_loaded_with_assign_are_masked_and_hooked():
+    m, _ = pruned_model()
+    sd = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in m.state_dict().items()}
+    m.load_state_dict(sd, assign=True)
+    assert pruned_taps_are_zero(m)  # right after loading, before any forward
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    opt.zero_grad()
+    nn.functional.cross_entropy(m(X), torch.randint(0, 10, (4,))).backward()
+    assert all((c.weight.grad[~tap_mask(c)] == 0).all() for _, c in masked_convs(m))
+    opt.step()
+    assert pruned_taps_are_zero(m)
+
+
+def test_inference_forward_writes_no_weight():
+    """No in-place write in forward: the weights' version counters do not move, in train or eval mode."""
+    m, _ = pruned_model()
+    versions = {n: c.weight._version for n, c in masked_convs(m)}
+    m.train()
+    m(X)
+    m.eval()
+    with torch.no_grad():
+        m(X)
+    assert {n: c.weight._version for n, c in masked_convs(m)} == versions

@@ -9,7 +9,6 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-import deprune_plugin
 from deprune_plugin import DEPruneImportance, DEPruner
 from deprune_plugin.core.masks import is_depthwise, tap_mask
 from deprune_plugin.core.method import kept_per_range
@@ -223,10 +222,15 @@ def test_summary_rows_and_sparse_macs():
     r = s[1]
     assert (r.name, r.kernel, r.channels, r.kept_per_range) == ("blocks.1.0.conv_dw", (3, 3), 96, [64, 64, 64])
     assert (r.pw_before, r.pw_after) == (24, 12) and r.real_ratio == pytest.approx(224 / 288)
-    # MACs of one DW layer count kept taps only: blocks.1.0 at 64x64 input -> 16x16 output, 192 kept taps
-    from deprune_plugin.core.cost import count_cost
+    # MACs of one DW layer count kept taps only: blocks.1.0 at 64x64 input -> 16x16 output (stem and this
+    # conv have stride 2); BWT keeps 64 of 288 taps in each of its 3 ranges of 32 channels: 192 kept taps
+    from deprune_plugin.core.cost import count_cost, layer_macs
+    per_layer = layer_macs(m, (X,))
+    assert per_layer["blocks.1.0.conv_dw"] == 16 * 16 * 192
+    assert per_layer["blocks.1.0.conv_pwl"] == 16 * 16 * 96 * 12  # 1x1, 96 -> 12 filters after PW pruning
+    assert s.after.macs == sum(per_layer.values())
     dense = count_cost(mbv2(), (X,)).macs
-    assert s.before.macs == dense and s.after.macs < dense
+    assert s.before.macs == dense and layer_macs(mbv2(), (X,))["blocks.1.0.conv_dw"] == 16 * 16 * 96 * 9
     pruned_taps = sum(r.channels * 9 - sum(r.kept_per_range) for r in s)
     assert s.before.params - s.after.params > pruned_taps
     text = str(s)
@@ -238,3 +242,141 @@ def test_step_benchmark_attribute_is_recorded():
     p = DEPruner(m, X, ignored_layers=[m.get_classifier()])
     p.step()
     assert p.last_step_seconds is not None and p.last_step_seconds > 0
+
+
+# ---------------------------------------------------------------- API edges (issue 9)
+def tiny():
+    """Two DSConv blocks on a residual-free stream, small enough for many constructions."""
+    return nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                         nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                         nn.Conv2d(32, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+XT = torch.randn(2, 3, 6, 6)
+
+
+def test_ignored_layers_accept_module_names():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.5, pw_pruning_ratio=0.5, variant="B",
+                 ignored_layers=["blocks.3", m.get_classifier()])
+    p.step()
+    assert tap_mask(m.blocks[3][0].conv_dw) is None and tap_mask(m.blocks[3][1].conv_dw) is None
+    assert tap_mask(m.blocks[2][0].conv_dw) is not None
+    assert m.blocks[3][0].conv_pwl.out_channels == 64  # the blocks.3 stream (a PW-conv2 group) is left alone
+    assert m.blocks[2][0].conv_pwl.out_channels == 16
+
+
+@pytest.mark.parametrize("ignored,error,match", [
+    (["blocks.99"], ValueError, "blocks.99"),
+    ([nn.Conv2d], TypeError, "class Conv2d"),
+    ([3.5], TypeError, "ignored_layers"),
+    ("blocks.3", TypeError, "ignored_layers"),
+])
+def test_bad_ignored_layers_are_clear_errors(ignored, error, match):
+    m = tiny()
+    with pytest.raises(error, match=match):
+        DEPruner(m, XT, ignored_layers=ignored)
+    assert not any(tap_mask(c) is not None for c in m.modules())
+
+
+def test_numpy_ratios_are_accepted_and_plain_floats_reach_torch_pruning():
+    np = pytest.importorskip("numpy")
+    m = tiny()
+    p = DEPruner(m, XT, dw_pruning_ratio=np.float32(0.5), pw_pruning_ratio=np.float64(0.5), variant="plain",
+                 max_pruning_ratio=np.float32(0.9), pruning_ratio_dict={m[8]: np.float32(0.25)}, ignored_layers=[m[11]])
+    assert type(p.dw_pruning_ratio) is float and type(p.pruning_ratio) is float
+    assert type(p.max_pruning_ratio) is float
+    assert all(type(r) is float for rs in p.pruning_ratio_dict.values() for r in rs)
+    p.step()
+    assert int((~tap_mask(m[3])).sum()) == 72 and m[8].out_channels == 6  # 16*9/2 taps; 8 -> 6 channels
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"dw_pruning_ratio": True}, ValueError, "dw_pruning_ratio"),
+    ({"pw_pruning_ratio": "0.5"}, ValueError, "pw_pruning_ratio"),
+    ({"max_pruning_ratio": True}, ValueError, "max_pruning_ratio"),
+    ({"global_pruning": "yes"}, TypeError, "global_pruning"),
+    ({"prune_dw_channels": 1}, TypeError, "prune_dw_channels"),
+    ({"importance": DEPruneImportance}, TypeError, r"importance=DEPruneImportance\(\)"),
+    ({"importance": tp.importance.GroupMagnitudeImportance}, TypeError, "instance"),
+    ({"no_such_option": 1}, TypeError, "no_such_option"),
+])
+def test_more_bad_arguments_raise_before_anything_changes(kwargs, error, match):
+    m = tiny()
+    ref = copy.deepcopy(m.state_dict())
+    with pytest.raises(error, match=match):
+        DEPruner(m, XT, **kwargs)
+    assert m.state_dict().keys() == ref.keys() and all(torch.equal(ref[k], v) for k, v in m.state_dict().items())
+
+
+def test_a_model_on_meta_is_a_clear_error():
+    m = tiny().to("meta")
+    with pytest.raises(ValueError, match=r"model has \d+ tensor\(s\) on the 'meta' device"):
+        DEPruner(m, XT)
+    with pytest.raises(ValueError, match="example_inputs are on the 'meta' device"):
+        DEPruner(tiny(), XT.to("meta"))
+
+
+def test_leaving_an_interactive_step_early_warns():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.5, pw_pruning_ratio=0.5, ignored_layers=[m.get_classifier()])
+    with pytest.warns(UserWarning, match="no DW taps were pruned in step 1"):
+        for group in p.step(interactive=True):
+            group.prune()
+            break
+    assert tap_mask(m.blocks[1][0].conv_dw) is None and p.current_step == 1
+
+
+def test_a_second_pruner_reads_dw_ratio_as_a_layer_total_and_pw_ratio_as_compounding():
+    m = tiny()
+    DEPruner(m, XT, dw_pruning_ratio=0.5, pw_pruning_ratio=0.5, variant="plain", ignored_layers=[m[11]]).step()
+    assert int((~tap_mask(m[3])).sum()) == 72 and m[8].out_channels == 4
+    with pytest.warns(UserWarning, match="already carry tap masks"):
+        p = DEPruner(m, XT, dw_pruning_ratio=0.75, pw_pruning_ratio=0.5, variant="plain", ignored_layers=[m[11]])
+    p.step()
+    assert int((~tap_mask(m[3])).sum()) == 108  # 75% of the layer's 144 taps in total, not 50% + 75% of the rest
+    assert m[8].out_channels == 2  # 50% of the 4 channels left: compounds, as in torch-pruning
+
+
+def test_global_pruning_warns_when_max_pruning_ratio_caps_the_request():
+    m = mbv2()
+    with pytest.warns(UserWarning, match=r"model-wide DW ratio is 50\.00%, not the requested 78\.00%"):
+        DEPruner(m, X, dw_pruning_ratio=0.78, pw_pruning_ratio=0.0, variant="plain", global_pruning=True,
+                 max_pruning_ratio=0.5, ignored_layers=[m.get_classifier()]).step()
+
+
+def test_pw_ratio_zero_builds_no_dependency_graph(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a dependency graph was built")
+
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", refuse)
+    m = tiny()
+    p = DEPruner(m, XT, dw_pruning_ratio=0.5, pw_pruning_ratio=0.0, variant="B", ignored_layers=[m[11]])
+    assert list(p.step(interactive=True)) == []
+    assert p.DG is None and p.pruning_history() == []
+    assert int((~tap_mask(m[3])).sum()) == 72 and m[8].out_channels == 8
+    rows = p.summary().table().splitlines()[2:4]
+    assert len(p.summary()) == 2 and all(r.split()[-1] == "-" for r in rows), rows  # no PW-conv2 column
+
+
+def test_construction_searches_only_dw_and_pw_conv2_groups_and_a_step_only_the_targets(monkeypatch):
+    """BasePruner.__init__ enumerates every group of the model (minutes on some models); DEPruner searches
+    the DW groups and their PW-conv2 groups only, and a step builds only the groups it prunes."""
+    roots = []
+    real = tp.DependencyGraph.get_pruning_group
+
+    def spy(self, module, fn, idxs):
+        roots.append(module)
+        return real(self, module, fn, idxs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", spy)
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.5, pw_pruning_ratio=0.5, variant="B", ignored_layers=[m.get_classifier()])
+    pw2 = {id(c) for b in p.structure.blocks for c in b.pw2}
+    assert {id(r) for r in roots} <= {id(b.dw) for b in p.structure.blocks} | pw2
+    assert not any(r is m.conv_stem or r is m.conv_head or r is m.blocks[2][0].conv_pw for r in roots)
+    roots.clear()
+    p.step()
+    targets = set(p.structure.pw_target_layers)
+    assert roots and all(r in targets for r in roots)
+    assert len({id(r) for r in roots}) == len(p.structure.pw_group_roots) == 7

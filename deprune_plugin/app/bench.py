@@ -24,16 +24,18 @@ PAPER_RATIOS = {"mobilenetv2_100": (0.779, 0.527), "efficientnet_b0": (0.847, 0.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .cli import _int_at_least, _ratio  # the same argument checks as `deprune prune`
+
     p.add_argument("--models", nargs="+", default=["mobilenetv2_100", "efficientnet_b0"],
                    help="timm model names (paper ratios for the known ones, else --dw/--pw)")
-    p.add_argument("--batch", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--dw", type=float, default=0.78, help="DW ratio for models without paper ratios")
-    p.add_argument("--pw", type=float, default=0.5, help="PW ratio for models without paper ratios")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--batch", nargs="+", type=_int_at_least(1), default=[1, 32])
+    p.add_argument("--image-size", type=_int_at_least(8), default=224)
+    p.add_argument("--dw", type=_ratio, default=0.78, help="DW ratio for models without paper ratios")
+    p.add_argument("--pw", type=_ratio, default=0.5, help="PW ratio for models without paper ratios")
+    p.add_argument("--reps", type=_int_at_least(1), default=20)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--threads", type=_int_at_least(0), default=0, help="torch CPU threads (0 = leave as is)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file (checked first)")
     p.add_argument("--quiet", action="store_true")
 
 

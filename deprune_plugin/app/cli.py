@@ -9,7 +9,10 @@ Subcommands:
 - ``deprune bench ...``: speed benchmark (:mod:`deprune_plugin.bench`).
 
 Bad input is reported as one line ``deprune: error: ...`` on stderr with exit status 2, and is detected
-before any training starts, so a failed call writes nothing.
+before any training starts, so a failed call writes nothing. An unexpected internal error is one line
+``deprune: internal error: ...`` (exit status 1) that says how to see the traceback: ``--debug`` anywhere
+on the command line, or ``DEPRUNE_DEBUG=1`` in the environment. A finished ``prune`` run is saved before
+its optional steps (latency); an optional step that fails is a one-line warning.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from typing import Any, Callable, NoReturn, Sequence
 
 PROG = "deprune"
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+DEBUG_ENV = "DEPRUNE_DEBUG"
 
 
 class BadInput(Exception):
@@ -129,6 +134,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(bench: Any, args: argparse.Namespace) -> int:
+    if getattr(args, "json", None):
+        _check_writable(args.json, "--json")  # before the benchmark, not after it
     try:
         return bench.main(args)
     except ValueError as e:  # bench reports bad arguments (unknown model, no GPU) as ValueError
@@ -137,7 +144,8 @@ def _run_bench(bench: Any, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``deprune`` argument parser (errors raise :class:`BadInput`)."""
-    parser = _Parser(prog=PROG, description="DEPrune for torch-pruning: prune, inspect and benchmark DSConv CNNs.")
+    parser = _Parser(prog=PROG, description="DEPrune for torch-pruning: prune, inspect and benchmark DSConv CNNs.",
+                     epilog=f"--debug (anywhere) or {DEBUG_ENV}=1: show the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,bench}")
     p = sub.add_parser("prune", help="train, prune, fine-tune, measure and save a model",
                        description=_PRUNE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="per-layer tap-mask report and metrics of a saved model")
     p.add_argument("path", help="a file written by `deprune prune` (or deprune_plugin.serialization.save)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trusted", action="store_true",
+                   help="allow full unpickling for a file that needs it; ONLY for files you made "
+                        "(unpickling can run code from the file). Default: weights only")
     p.set_defaults(func=run_inspect)
     _add_bench(sub)
     return parser
@@ -244,7 +255,7 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
 
     from ..core.zoo import build_model, classifier_of
     from ..tp_glue.pruner import DEPruner
-    from .data import DIGITS, make_loaders
+    from .data import DIGITS, make_loaders, skipped_images
     from .training import reinit_classifier_, resolve_device
 
     try:
@@ -275,18 +286,29 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
         pretrain = args.pretrain_epochs
     else:
         pretrain = 3 if args.checkpoint is None and args.data == DIGITS else 0
+    n_train = len(train_loader.dataset)
+    if n_train < 2 and (pretrain or args.finetune_epochs):
+        _fail(f"{n_train} training image (--limit {args.limit}): training needs at least 2 "
+              "(a batch of 1 crashes BatchNorm)")
     example = torch.randn(1, 3, args.image_size, args.image_size)
     try:
         pruner = DEPruner(model, example, dw_pruning_ratio=args.dw, pw_pruning_ratio=args.pw,
                           variant=args.variant, iterative_steps=args.steps, ignored_layers=[classifier_of(model)])
     except (ValueError, TypeError) as e:
-        _fail(f"cannot prune {args.model!r}: {e}")
+        hint = " (on the command line: --pw 0)" if "pw_pruning_ratio=0" in str(e) else ""
+        _fail(f"cannot prune {args.model!r}: {e}{hint}")
+    skipped = skipped_images(train_loader) + skipped_images(test_loader)
+    if skipped:
+        _warn(f"skipped {len(skipped)} unreadable image(s) of {args.data!r}, e.g. {skipped[0]}")
     return _PruneSetup(device, train_loader, test_loader, num_classes, model, pruner, pretrain, figure, note)
 
 
 # ---------------------------------------------------------------------------------------------- prune
 def _measure_latency(dense, pruned, args: argparse.Namespace, device) -> tuple[dict[str, float], str | None]:
-    """Median ms per batch of the dense copy, the pruned model and (when available) accelerate(pruned)."""
+    """Median ms per batch of the dense copy, the pruned model and (when it works) accelerate(pruned).
+
+    accelerate() failing, or its model failing on the timing input, only drops that candidate (the note
+    says why); anything else raises and the caller turns it into a warning."""
     import torch
 
     from ..accel import accelerate
@@ -299,9 +321,11 @@ def _measure_latency(dense, pruned, args: argparse.Namespace, device) -> tuple[d
     note = None
     try:
         fast = accelerate(pruned, backend="auto", example_inputs=x[:1])
+        with torch.inference_mode():
+            fast(x)  # a trial call: a model that fails here must not fail the timing loop
         fns["accelerated"] = lambda: fast(x)
     except Exception as e:  # noqa: BLE001 - speed-up is optional; the pruned model is the product
-        note = f"accelerate() failed, not timed: {type(e).__name__}: {e}"
+        note = f"accelerate() failed, not timed: {type(e).__name__}: {_one_line(e)}"
     medians = interleaved_medians(fns, reps=args.latency_reps, warmup=3, device=device,
                                   quiet=args.quiet, desc="latency")
     return {k: v * 1e3 for k, v in medians.items()}, note
@@ -312,15 +336,38 @@ def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "func" and (v is None or isinstance(v, (str, int, float, bool)))}
 
 
-def run_prune(args: argparse.Namespace) -> int:
-    """``deprune prune``: see the module doc. Returns the exit status."""
+def _flush_denormal_enabled() -> bool:
+    """Whether the CPU flushes subnormal floats now (torch has no getter): 1e-30 * 1e-10 underflows to a
+    subnormal float32, which reads 0 only under flush-to-zero."""
     import torch
 
+    return bool((torch.full((1,), 1e-30) * 1e-10).item() == 0.0)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """``deprune prune``: see the module doc. Returns the exit status.
+
+    Flush-to-zero is on while it runs (tiny weights after weight decay otherwise slow CPU training down a
+    lot) and restored on every exit path, so later numerics of the same process do not change."""
+    import torch
+
+    before = _flush_denormal_enabled()
+    torch.set_flush_denormal(True)
+    try:
+        return _prune(args)
+    finally:
+        torch.set_flush_denormal(before)
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _prune(args: argparse.Namespace) -> int:
     from ..tp_glue.serialization import save
     from .plotting import plot_report
     from .training import evaluate, train
 
-    torch.set_flush_denormal(True)  # tiny weights after weight decay otherwise slow CPU training down a lot
     s = _setup_prune(args)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     if s.note:
@@ -349,13 +396,9 @@ def run_prune(args: argparse.Namespace) -> int:
         say(f"fine-tuning {args.finetune_epochs} epoch(s)")
         train(model, s.train_loader, args.finetune_epochs, args.finetune_lr, dev, q, desc="fine-tune")
     top1_after = evaluate(model, s.test_loader, dev, q)
-    latency, acc_note = _measure_latency(dense, model, args, dev)
-    if acc_note:
-        print(f"warning: {acc_note}", file=sys.stderr)
     model.cpu()
     metrics = {
         "top1": {"before": top1_before, "after": top1_after},
-        "latency_ms": latency, "latency_device": dev.type, "latency_batch": args.latency_batch,
         "macs": {"before": summary.before.macs, "after": summary.after.macs},
         "params": {"before": summary.before.params, "after": summary.after.params},
         "dw_ratio": summary.dw_ratio, "dw_hsr": summary.dw_hsr_pattern, "pw_hsr": summary.pw_hsr_pattern,
@@ -364,15 +407,39 @@ def run_prune(args: argparse.Namespace) -> int:
     extra = {"metrics": metrics, "args": _plain_args(args), "group_size": pruner.group_size,
              "dw_targets": {r.name: r.target_ratio for r in summary.rows}, "summary": summary.table()}
     arch = {"source": args.source, "name": args.model, "kwargs": {"num_classes": s.num_classes}}
-    save(model, args.out, history=pruner.pruning_history(), arch=arch,
-         input_shape=(1, 3, args.image_size, args.image_size), extra=extra)
-    if s.figure:
-        plot_report(summary, metrics, s.figure)
+
+    def write() -> bool:
+        """Save the model, then the figure; a figure that fails is a warning. Returns figure written."""
+        save(model, args.out, history=pruner.pruning_history(), arch=arch,
+             input_shape=(1, 3, args.image_size, args.image_size), extra=extra)
+        if not s.figure:
+            return False
+        try:
+            plot_report(summary, metrics, s.figure)
+            return True
+        except Exception as e:  # noqa: BLE001 - the figure is optional, the model is saved
+            _warn(f"figure not written: {type(e).__name__}: {e}")
+            return False
+
+    # The finished run is saved before any optional step (latency); an optional step that fails is a warning.
+    figure_ok = write()
+    latency: dict[str, float] = {}
+    try:
+        latency, acc_note = _measure_latency(dense, model, args, dev)
+        if acc_note:
+            _warn(acc_note)
+    except Exception as e:  # noqa: BLE001 - optional: the model is already saved
+        _warn(f"latency not measured: {type(e).__name__}: {e}")
+    model.cpu()
+    if latency:
+        metrics.update(latency_ms=latency, latency_device=dev.type, latency_batch=args.latency_batch)
+        figure_ok = write()  # again, with the latency panel
     print(summary.table())
     print(f"top-1: {top1_before:.2f}% -> {top1_after:.2f}%")
-    print("latency ({} batch {}, median): {}".format(dev.type, args.latency_batch, ", ".join(
-        f"{k} {v:.2f} ms" for k, v in latency.items())))
-    print(f"saved {args.out}" + (f", figure {s.figure}" if s.figure else ""))
+    if latency:
+        print("latency ({} batch {}, median): {}".format(dev.type, args.latency_batch, ", ".join(
+            f"{k} {v:.2f} ms" for k, v in latency.items())))
+    print(f"saved {args.out}" + (f", figure {s.figure}" if figure_ok else ""))
     return 0
 
 
@@ -388,12 +455,15 @@ def _kept_str(kept: list[int]) -> str:
     return ",".join(f"{k}x{n}" if n > 1 else str(k) for k, n in parts)
 
 
-def inspect_report(path: str) -> dict[str, Any]:
+def inspect_report(path: str, trusted: bool = False) -> dict[str, Any]:
     """The tap-mask report of a saved model, recomputed from its masks, plus what the file stores.
+
+    Files are read weights-only; ``trusted`` allows unpickling (only for files you made).
 
     Raises:
         BadInput: the file is missing or not a deprune_plugin model.
     """
+    from ..core.cost import PARAMS_LABEL, count_params
     from ..core.masks import masked_convs, tap_mask
     from ..core.method import kept_per_range, real_ratio
     from ..tp_glue.serialization import load, load_extra
@@ -401,13 +471,10 @@ def inspect_report(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         _fail(f"no such file: {path!r}")
     try:
-        model = load(path)
-    except Exception as e:  # noqa: BLE001 - corrupt / foreign files are input problems
-        _fail(f"cannot load {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-    try:
-        extra = load_extra(path)
-    except Exception:  # noqa: BLE001 - pickled-module files may need a full unpickle: no extras then
-        extra = {}
+        model = load(path, trusted=trusted)
+        extra = load_extra(path, trusted=trusted)
+    except Exception as e:  # noqa: BLE001 - corrupt / foreign / untrusted files are input problems
+        _fail(f"cannot load {path!r}: {type(e).__name__}: {_one_line(e)}")
     group = int(extra.get("group_size", 32))
     targets = extra.get("dw_targets", {})
     layers = []
@@ -418,14 +485,16 @@ def inspect_report(path: str) -> dict[str, Any]:
                        "pruned_fraction": 1.0 - float(keep.float().mean()),
                        "kept_per_range": kept_per_range(keep, group),
                        "zero_outside_mask": bool((conv.weight.detach()[~keep] == 0).all())})
-    return {"path": path, "params": sum(p.numel() for p in model.parameters()), "group_size": group,
+    return {"path": path, "params": count_params(model), "params_definition": PARAMS_LABEL, "group_size": group,
             "layers": layers, "metrics": extra.get("metrics", {}), "args": extra.get("args", {})}
 
 
 def _print_inspect(rep: dict[str, Any]) -> None:
+    from ..core.cost import PARAMS_LABEL
+
     head = f"{'layer':<34} {'k':>5} {'C':>5} {'target':>7} {'real':>7} {'pruned':>7}  {'K per range':<18} zero"
-    print(f"{rep['path']}: {len(rep['layers'])} masked DW conv(s), {rep['params'] / 1e6:.3f} M parameters "
-          f"(group size {rep['group_size']})")
+    print(f"{rep['path']}: {len(rep['layers'])} masked DW conv(s), {rep['params_definition']} "
+          f"{rep['params'] / 1e6:.3f} M (group size {rep['group_size']})")
     print(head)
     print("-" * len(head))
     for r in rep["layers"]:
@@ -442,7 +511,7 @@ def _print_inspect(rep: dict[str, Any]) -> None:
             print(f"latency ({m.get('latency_device', '?')} batch {m.get('latency_batch', '?')}): "
                   + ", ".join(f"{k} {v:.2f} ms" for k, v in m["latency_ms"].items()))
         if "macs" in m:
-            print(f"MACs {m['macs']['before'] / 1e6:.1f} M -> {m['macs']['after'] / 1e6:.1f} M, params "
+            print(f"MACs {m['macs']['before'] / 1e6:.1f} M -> {m['macs']['after'] / 1e6:.1f} M, {PARAMS_LABEL} "
                   f"{m['params']['before'] / 1e6:.3f} M -> {m['params']['after'] / 1e6:.3f} M, "
                   f"DW ratio {m.get('dw_ratio', 0):.2%} (HSR DW {m.get('dw_hsr', '-')}, PW {m.get('pw_hsr', '-')})")
     a = rep["args"]
@@ -454,7 +523,7 @@ def _print_inspect(rep: dict[str, Any]) -> None:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """``deprune inspect PATH``. Returns the exit status."""
-    rep = inspect_report(args.path)
+    rep = inspect_report(args.path, trusted=args.trusted)
     if args.json:
         print(json.dumps(rep, indent=2))
     else:
@@ -468,7 +537,13 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``deprune``; returns the exit status (2 = bad input)."""
+    """Entry point of ``deprune``; returns the exit status (2 = bad input, 1 = internal error).
+
+    ``--debug`` (anywhere on the command line) or ``DEPRUNE_DEBUG=1`` lets internal errors raise with
+    their traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -478,6 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - one line for users, the traceback on request
+        if debug:
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)} (run again with --debug or "
+              f"{DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 - an ImageFolder tree: ``PATH/train/<class>/*`` and ``PATH/val/<class>/*`` (ImageNet layout; ``test``
   is accepted for ``val``), or a single ``PATH/<class>/*`` tree that is split here.
 
-Every split is deterministic for a given ``seed``.
+Every split is deterministic for a given ``seed``. Images of a folder are checked before use (the ones a
+run will read, after ``limit``): unreadable files are left out and listed by :func:`skipped_images`, so
+one corrupt file does not stop a run in the middle of training.
 """
 from __future__ import annotations
 
@@ -121,6 +123,51 @@ def _folder_datasets(path: str, image_size: int, seed: int) -> tuple[Dataset, Da
     return Subset(full, train_idx), Subset(full, test_idx), len(full.classes)
 
 
+def _image_source(ds: Dataset, i: int) -> tuple[Dataset, int]:
+    """The ImageFolder-like data set (one with ``samples``) and index behind item ``i`` of ``ds``."""
+    while isinstance(ds, Subset):
+        ds, i = ds.dataset, ds.indices[i]
+    return ds, i
+
+
+def _readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # header and structure (PNG chunk checksums) without decoding every pixel
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many kinds for broken files
+        return False
+
+
+def _drop_unreadable(ds: Dataset, what: str) -> Dataset:
+    """``ds`` without the items whose image file PIL cannot read; the skipped paths are recorded on the
+    returned data set (see :func:`skipped_images`)."""
+    base, _ = _image_source(ds, 0) if len(ds) else (ds, 0)
+    if not hasattr(base, "samples"):
+        return ds
+    from tqdm.auto import tqdm
+
+    keep, bad = [], []
+    for i in tqdm(range(len(ds)), desc=f"checking {what} images", leave=False, disable=len(ds) < 2000):
+        src, j = _image_source(ds, i)
+        path = src.samples[j][0]
+        if _readable(path):
+            keep.append(i)
+        else:
+            bad.append(path)
+    out = Subset(ds, keep) if bad else ds
+    out.skipped_unreadable = bad  # type: ignore[attr-defined]
+    return out
+
+
+def skipped_images(data: Dataset | DataLoader) -> list[str]:
+    """Paths of the unreadable image files left out of a data set (or a loader's data set)."""
+    ds = data.dataset if isinstance(data, DataLoader) else data
+    return list(getattr(ds, "skipped_unreadable", []))
+
+
 def make_datasets(data: str = DIGITS, image_size: int = 32, limit: int | None = None,
                   seed: int = 0) -> tuple[Dataset, Dataset, int]:
     """``(train, test, num_classes)`` for ``data`` (``"digits"`` or a folder, see the module doc).
@@ -156,6 +203,10 @@ def make_datasets(data: str = DIGITS, image_size: int = 32, limit: int | None = 
     if limit is not None:
         train = Subset(train, _take(list(range(len(train))), limit, seed))
         test = Subset(test, _take(list(range(len(test))), limit, seed))
+    train, test = _drop_unreadable(train, "training"), _drop_unreadable(test, "test")
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"data folder {path!r}: no readable image in its train or test split "
+                         f"(e.g. {(skipped_images(train) + skipped_images(test))[0]!r})")
     return train, test, n
 
 

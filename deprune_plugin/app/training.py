@@ -74,6 +74,9 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
           momentum: float = 0.9, weight_decay: float = 1e-4, desc: str = "train") -> list[float]:
     """Train ``model`` in place with cross-entropy; returns the mean loss of every epoch.
 
+    An incomplete last batch is dropped (one of size 1 crashes BatchNorm in training mode); a loader whose
+    only batch is incomplete is used as it is unless it holds a single sample.
+
     Args:
         model: the model (moved to ``device``).
         loader: yields ``(images, labels)``.
@@ -91,17 +94,26 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if epochs == 0 or len(loader) == 0:
         return []
+    full = loader.batch_size
+    size = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
+    drop_last = bool(full and not loader.drop_last and size is not None and size % full
+                     and (len(loader) > 1 or size < 2))
+    steps = len(loader) - drop_last
+    if steps == 0:
+        raise ValueError(f"training needs batches of at least 2 samples; the data has {size}")
     dev = resolve_device(device)
     model.to(dev).train()
     opt = make_optimizer(model, lr, momentum, weight_decay)
-    sched = _scheduler(opt, schedule, epochs * len(loader))
+    sched = _scheduler(opt, schedule, epochs * steps)
     loss_fn = nn.CrossEntropyLoss()
     history = []
-    bar = tqdm(total=epochs * len(loader), desc=desc, disable=quiet, leave=False)
+    bar = tqdm(total=epochs * steps, desc=desc, disable=quiet, leave=False)
     try:
         for epoch in range(epochs):
             total, count = 0.0, 0
-            for x, y in loader:
+            for i, (x, y) in enumerate(loader):
+                if i == steps:  # the incomplete last batch
+                    break
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 loss = loss_fn(model(x), y)
                 opt.zero_grad(set_to_none=True)

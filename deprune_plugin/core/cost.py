@@ -8,11 +8,16 @@ and pooling are cheap and vanish when folded).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 
 from .masks import tap_mask
+
+
+PARAMS_LABEL = "params (pruned DW taps not counted)"
+"""How every report labels :func:`count_params` (``deprune prune``, ``deprune inspect``, ``Summary``)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,7 @@ def _kept_weights(m: nn.Module) -> int:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters minus pruned DW taps."""
+    """The one parameter count of the package: all parameters minus pruned DW taps (:data:`PARAMS_LABEL`)."""
     total = sum(p.numel() for p in model.parameters())
     for m in model.modules():
         mask = tap_mask(m)
@@ -39,29 +44,25 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_cost(model: nn.Module, example_inputs: tuple) -> Cost:
-    """MACs per sample (only unpruned taps) and parameters of ``model`` on ``example_inputs``.
-
-    The model runs once in eval mode; its training flag is restored.
-    """
-    macs = 0
+def layer_macs(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
+    """MACs per sample of every conv and linear, by module name (only kept taps of masked DW convs:
+    ``Ho * Wo * kept``). The model runs once in eval mode; its training flag is restored."""
+    macs: dict[str, int] = {}
     batch = max(1, int(example_inputs[0].shape[0])) if isinstance(example_inputs[0], torch.Tensor) else 1
 
-    def conv_hook(m, inp, out):
-        nonlocal macs
-        macs += out.shape[-1] * out.shape[-2] * _kept_weights(m) * out.shape[0] // batch
+    def conv_hook(name, m, inp, out):
+        macs[name] = macs.get(name, 0) + out.shape[-1] * out.shape[-2] * _kept_weights(m) * out.shape[0] // batch
 
-    def linear_hook(m, inp, out):
-        nonlocal macs
+    def linear_hook(name, m, inp, out):
         positions = inp[0].numel() // m.in_features
-        macs += positions * m.in_features * m.out_features // batch
+        macs[name] = macs.get(name, 0) + positions * m.in_features * m.out_features // batch
 
     handles = []
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
+            handles.append(m.register_forward_hook(partial(conv_hook, name)))
         elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+            handles.append(m.register_forward_hook(partial(linear_hook, name)))
     was_training = model.training
     model.eval()
     try:
@@ -70,4 +71,9 @@ def count_cost(model: nn.Module, example_inputs: tuple) -> Cost:
         model.train(was_training)
         for h in handles:
             h.remove()
-    return Cost(macs=macs, params=count_params(model))
+    return macs
+
+
+def count_cost(model: nn.Module, example_inputs: tuple) -> Cost:
+    """MACs per sample (only unpruned taps, the sum of :func:`layer_macs`) and parameters of ``model``."""
+    return Cost(macs=sum(layer_macs(model, example_inputs).values()), params=count_params(model))

@@ -1,19 +1,46 @@
-"""Tap masks that are part of the model.
+"""Tap masks that are part of the model, without writing weights during forward.
 
 A pruned depth-wise conv stays a plain ``nn.Conv2d`` (same class, same names, same state-dict keys for
-its weight) with three additions:
+its weight) with these additions:
 
 - a bool buffer ``dw_tap_mask`` shaped like the weight (``True`` = kept tap), so masks travel with
   ``state_dict``, ``torch.save``, ``copy.deepcopy``, ``.to(device/dtype)`` and DDP buffer broadcast;
-- a forward pre-hook that re-zeros pruned taps (a dense weight loaded over a pruned one cannot revive
-  them) and, when autograd is on, hooks the weight's gradient once so pruned taps get zero gradient:
-  with zero weight and zero gradient, SGD (momentum, weight decay) and Adam/AdamW keep them exactly 0;
-- a state-dict pre-hook that keeps the mask consistent before saving.
+- a **gradient hook** on the weight ``Parameter`` (``Tensor.register_hook``) that zeroes the gradient of
+  pruned taps before it reaches ``.grad``. Pruned taps are exactly 0 when the mask is attached; with zero
+  weight and zero gradient, SGD (momentum, weight decay), Adam and AdamW (incl. decoupled decay, which
+  multiplies 0) leave them exactly 0. DDP all-reduces the already masked gradient. A weight used twice in
+  one graph (a DW conv called twice, two forwards then one backward) gets one hook call on its summed
+  gradient. The hook is registered when the mask is attached;
+- a forward pre-hook that **only checks** (never writes the weight): when autograd is on and the weight
+  is a ``Parameter`` without the hook (the ``Parameter`` object was replaced: torch-pruning channel removal,
+  ``copy.deepcopy``, ``torch.load`` of a whole module, ``load_state_dict(assign=True)``) it registers the
+  hook again; when the mask no longer matches the weight's shape it re-derives the mask (see below). Under
+  ``torch.no_grad()`` / ``inference_mode`` it returns after one call, so inference runs the plain conv on
+  the stored (already zero) weights;
+- a ``load_state_dict`` post-hook that zeroes pruned taps after every load (dense weights loaded over a
+  pruned model cannot revive taps) and re-hooks a replaced ``Parameter``;
+- a ``state_dict`` pre-hook that zeroes pruned taps that are not zero (only then: an unneeded in-place
+  write would bump the weight's version between a forward and its backward), so saved files and
+  ``timm`` EMA copies (``ModelEmaV2``/``V3`` read ``state_dict``) always hold exact zeros.
+
+``torch.func.functional_call(model, params, x)`` runs the given tensors as they are: nothing is written
+into the caller's tensors and no hook is added to them (only ``Parameter`` objects of the model are hooked).
 
 ``torch.nn.utils.prune`` and ``parametrize`` break under torch-pruning (see docs), hence this design.
-When a torch-pruning pass that does not know about masks removes channels, the mask no longer matches
-the weight; it is then re-derived from the zero pattern, which is exact because pruned taps are exactly 0.
+When a torch-pruning pass that does not know about masks removes channels, the mask no longer matches the
+weight; it is then re-derived from the zero pattern, which is exact because pruned taps are exactly 0.
 DEPruner itself slices masks with the removed indices.
+
+Limits (what the hooks cannot see):
+
+- a weight written by hand (``conv.weight.data.copy_(...)``, ``nn.init``, ``p.add_(noise)``) can make
+  pruned taps non-zero; they are zeroed again at the next ``state_dict()``/``load_state_dict()``, or call
+  :func:`apply_tap_masks_` yourself;
+- an optimizer or a gradient transform that writes ``.grad`` outside autograd (``p.grad += noise``,
+  SAM-style perturbations, an optimizer whose update is non-zero for a zero gradient) bypasses the hook:
+  call :func:`apply_tap_masks_` after its step;
+- code that calls ``conv.forward`` / ``F.conv2d(x, conv.weight)`` directly on a replaced ``Parameter``
+  skips the pre-hook, so that ``Parameter`` is not re-hooked until the module is called once.
 """
 from __future__ import annotations
 
@@ -26,9 +53,8 @@ import torch.nn as nn
 
 MASK_BUFFER = "dw_tap_mask"
 
-# Parameters whose gradient is already masked, by id with a weak reference to tell a reused id apart:
-# replaced parameters (after channel pruning, deepcopy or loading) are hooked again on their next forward.
-# (A WeakSet would compare tensors with ==.)
+# Parameters whose gradient is already masked, by id with a weak reference to tell a reused id apart
+# (a WeakSet would compare tensors with ==).
 _GRAD_HOOKED: dict[int, "weakref.ref[torch.Tensor]"] = {}
 
 
@@ -50,14 +76,27 @@ def tap_mask(conv: nn.Module) -> torch.Tensor | None:
 
 def _mask_grad(module_ref: "weakref.ref[nn.Module]", grad: torch.Tensor) -> torch.Tensor:
     module = module_ref()
-    mask = None if module is None else tap_mask(module)
-    if mask is None or mask.shape != grad.shape:
+    if module is None or tap_mask(module) is None:
+        return grad
+    if tap_mask(module).shape != grad.shape and module.weight.shape == grad.shape:
+        sync_tap_mask(module)
+    mask = tap_mask(module)
+    if mask.shape != grad.shape:
         return grad
     return grad.masked_fill(~mask, 0)  # not grad * mask: NaN * 0 would leak NaN into pruned taps
 
 
+def _hook_grad(module: nn.Module) -> None:
+    """Mask the gradient of ``module.weight`` (once per ``Parameter`` object)."""
+    w = module.weight
+    if isinstance(w, nn.Parameter) and w.requires_grad and not _grad_hooked(w):
+        w.register_hook(partial(_mask_grad, weakref.ref(module)))
+        key = id(w)
+        _GRAD_HOOKED[key] = weakref.ref(w, lambda _r, key=key: _GRAD_HOOKED.pop(key, None))
+
+
 def sync_tap_mask(conv: nn.Module) -> None:
-    """Make the mask match the weight again after a mask-unaware channel removal."""
+    """Make the mask match the weight again after a mask-unaware channel removal (the weight is not changed)."""
     mask = tap_mask(conv)
     if mask is None or mask.shape == conv.weight.shape:
         return
@@ -68,29 +107,55 @@ def sync_tap_mask(conv: nn.Module) -> None:
 
 
 @torch.no_grad()
-def apply_tap_mask_(conv: nn.Module) -> None:
-    """Zero the pruned taps of ``conv`` in place."""
+def apply_tap_mask_(conv: nn.Module, only_if_needed: bool = False) -> None:
+    """Zero the pruned taps of ``conv`` in place (never call it between a forward and its backward).
+
+    Args:
+        only_if_needed: write only when some pruned tap is non-zero (keeps the weight's version counter).
+    """
     sync_tap_mask(conv)
     mask = tap_mask(conv)
-    if mask is not None:
-        conv.weight.masked_fill_(~mask, 0)
+    if mask is None:
+        return
+    if only_if_needed and not conv.weight.detach().masked_select(~mask).any():
+        return
+    conv.weight.masked_fill_(~mask, 0)
+
+
+def apply_tap_masks_(model: nn.Module) -> int:
+    """Zero the pruned taps of every masked conv of ``model`` (after hand-written weights or a ``.grad``
+    written outside autograd, see the module doc). Returns how many convs carry a mask."""
+    count = 0
+    for _, conv in masked_convs(model):
+        apply_tap_mask_(conv)
+        count += 1
+    return count
 
 
 def _pre_forward(module: nn.Module, args: tuple) -> None:
-    apply_tap_mask_(module)
-    w = module.weight
-    if torch.is_grad_enabled() and w.requires_grad and not _grad_hooked(w):
-        w.register_hook(partial(_mask_grad, weakref.ref(module)))
-        key = id(w)
-        _GRAD_HOOKED[key] = weakref.ref(w, lambda _r, key=key: _GRAD_HOOKED.pop(key, None))
+    # A check only: never writes the weight (two forwards then one backward, functional_call, speed).
+    if torch.is_grad_enabled():
+        mask = tap_mask(module)
+        if mask is not None and mask.shape != module.weight.shape:
+            sync_tap_mask(module)
+        _hook_grad(module)
 
 
 def _pre_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    apply_tap_mask_(module, only_if_needed=True)
+
+
+def _post_load(module: nn.Module, incompatible_keys) -> None:
     apply_tap_mask_(module)
+    _hook_grad(module)  # load_state_dict(assign=True) replaces the Parameter
+
+
+_HOOKS = ("_forward_pre_hooks", _pre_forward), ("_state_dict_pre_hooks", _pre_state_dict), \
+    ("_load_state_dict_post_hooks", _post_load)
 
 
 def attach_tap_mask(conv: nn.Conv2d, keep: torch.Tensor) -> None:
-    """Install (or replace) the keep mask of a DW conv and zero its pruned taps.
+    """Install (or replace) the keep mask of a DW conv, zero its pruned taps and mask its gradient.
 
     Args:
         conv: a depth-wise ``nn.Conv2d``.
@@ -106,7 +171,9 @@ def attach_tap_mask(conv: nn.Conv2d, keep: torch.Tensor) -> None:
     if _pre_forward not in conv._forward_pre_hooks.values():
         conv.register_forward_pre_hook(_pre_forward)
         conv.register_state_dict_pre_hook(_pre_state_dict)
+        conv.register_load_state_dict_post_hook(_post_load)
     apply_tap_mask_(conv)
+    _hook_grad(conv)
 
 
 def slice_tap_mask(conv: nn.Module, removed: Sequence[int]) -> None:
@@ -120,6 +187,7 @@ def slice_tap_mask(conv: nn.Module, removed: Sequence[int]) -> None:
         sync_tap_mask(conv)  # indices do not describe this change: fall back to the zero pattern
         return
     setattr(conv, MASK_BUFFER, mask[kept_rows])
+    _hook_grad(conv)  # channel removal made a new Parameter
 
 
 def masked_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
@@ -130,11 +198,14 @@ def masked_convs(model: nn.Module) -> Iterator[tuple[str, nn.Conv2d]]:
 
 
 def remove_tap_masks(model: nn.Module) -> int:
-    """Make pruning permanent: zero pruned taps, drop masks and hooks. Returns how many convs changed."""
+    """Make pruning permanent: zero pruned taps, drop masks and hooks. Returns how many convs changed.
+
+    (A gradient hook already on a weight stays but does nothing once the mask is gone.)"""
     count = 0
     for _, m in list(masked_convs(model)):
         apply_tap_mask_(m)
-        for hooks, fn in ((m._forward_pre_hooks, _pre_forward), (m._state_dict_pre_hooks, _pre_state_dict)):
+        for attr, fn in _HOOKS:
+            hooks = getattr(m, attr)
             for k in [k for k, v in hooks.items() if v is fn]:
                 del hooks[k]
         del m._buffers[MASK_BUFFER]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .cost import Cost
+from .cost import PARAMS_LABEL, Cost
 
 
 @dataclass(frozen=True)
@@ -86,13 +86,14 @@ class Summary:
                 f"{'K per range':<18} {'PW before->after':>16}")
         lines = [head, "-" * len(head)]
         for r in self.rows:
+            pw = f"{r.pw_before:>7} -> {r.pw_after:<6}" if r.pw_names else f"{'-':>17}"  # no PW-conv2 known
             lines.append(f"{r.name[-34:]:<34} {r.kernel[0]}x{r.kernel[1]:<3} {r.channels:>5} "
                          f"{r.target_ratio:>7.2%} {r.real_ratio:>7.2%} {r.hsr:>3}  {_kept_str(r.kept_per_range):<18} "
-                         f"{r.pw_before:>7} -> {r.pw_after:<6}")
+                         f"{pw}")
         lines.append("-" * len(head))
         lines.append(f"variant {self.variant}: DW ratio {self.dw_ratio:.2%}, DW HSR {self.dw_hsr_pattern}, "
                      f"PW HSR {self.pw_hsr_pattern}")
-        lines.append(f"params {self.before.params / 1e6:.3f} M -> {self.after.params / 1e6:.3f} M "
+        lines.append(f"{PARAMS_LABEL} {self.before.params / 1e6:.3f} M -> {self.after.params / 1e6:.3f} M "
                      f"({self.after.params / max(self.before.params, 1):.1%}); "
                      f"MACs {self.before.macs / 1e6:.1f} M -> {self.after.macs / 1e6:.1f} M "
                      f"({self.after.macs / max(self.before.macs, 1):.1%})")

@@ -13,7 +13,8 @@ generator is exhausted, so BWT's ranges are balanced over the channels that rema
 """
 from __future__ import annotations
 
-import math
+import inspect
+import numbers
 import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -21,8 +22,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch_pruning import ops
+from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 
-from ..core.checks import check_positive_int, check_ratio
+from ..core.checks import check_bool, check_positive_int, check_ratio
 from ..core.cost import Cost, count_cost
 from ..core.masks import attach_tap_mask, is_depthwise, slice_tap_mask, tap_mask
 from ..core.method import bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range
@@ -31,17 +34,23 @@ from ..core.probe import probe_structure
 from ..core.summary import LayerRow, Summary
 from .adapters import run_fixups
 from .importance import DEPruneImportance
-from .structure import analyse, find_depthwise
+from .limits import DW_ONLY_HINT, GROUP_STEP_LIMIT, GroupSearchTooLong, TorchPruningFailure, bounded_groups, failure_from
+from .structure import DEPruneStructure, DSConvBlock, analyse, find_depthwise
 
 VARIANTS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "B": (True, False), "BH": (True, True)}
 """variant name -> (BWT on, HSR on). "plain" = DEPrune, "B" = DEPrune-B, "BH" = DEPrune-BH."""
 
 
-def _check_ratio_dict(d: Mapping | None, name: str, model_modules: set[int]) -> None:
+_BASE_ARGS = set(inspect.signature(tp.pruner.BasePruner.__init__).parameters) - {"self", "model", "example_inputs"}
+
+
+def _check_ratio_dict(d: Mapping | None, name: str, model_modules: set[int]) -> dict:
+    """The dict with every ratio checked and made a plain float (what torch-pruning gets)."""
     if d is None:
-        return
+        return {}
     if not isinstance(d, Mapping):
         raise TypeError(f"{name} must be a dict {{module: ratio}}, got {type(d).__name__}")
+    out = {}
     for key, ratio in d.items():
         keys = key if isinstance(key, tuple) else (key,)
         for k in keys:
@@ -49,7 +58,37 @@ def _check_ratio_dict(d: Mapping | None, name: str, model_modules: set[int]) -> 
                 raise TypeError(f"{name} keys must be modules (or tuples of modules), got {type(k).__name__}")
             if id(k) not in model_modules:
                 raise ValueError(f"{name} names a module that is not part of the model: {k.__class__.__name__}")
-        check_ratio(ratio, f"{name}[{keys[0].__class__.__name__}]")
+        out[key] = check_ratio(ratio, f"{name}[{keys[0].__class__.__name__}]")
+    return out
+
+
+def _resolve_ignored(model: nn.Module, ignored: Any, model_modules: set[int]) -> list:
+    """``ignored_layers`` as modules / parameters; module names are resolved with ``get_submodule``."""
+    if ignored is None:
+        return []
+    if isinstance(ignored, (str, nn.Module)) or not isinstance(ignored, Iterable):
+        raise TypeError("ignored_layers must be a list of modules, module names or parameters, "
+                        f"got {type(ignored).__name__}")
+    out = []
+    for item in ignored:
+        if isinstance(item, str):
+            try:
+                item = model.get_submodule(item)
+            except AttributeError:
+                raise ValueError(f"ignored_layers: the model has no submodule named {item!r}") from None
+        if isinstance(item, nn.Parameter):
+            out.append(item)
+        elif isinstance(item, nn.Module):
+            if id(item) not in model_modules:
+                raise ValueError(f"ignored_layers holds a module that is not part of the model: "
+                                 f"{item.__class__.__name__}")
+            out.append(item)
+        elif isinstance(item, type):
+            raise TypeError(f"ignored_layers holds the class {item.__name__}: pass module instances or names "
+                            "(torch-pruning silently drops classes)")
+        else:
+            raise TypeError(f"ignored_layers items must be modules, module names or parameters, got {item!r}")
+    return out
 
 
 def _as_inputs(example_inputs: Any) -> tuple:
@@ -62,23 +101,38 @@ def _as_inputs(example_inputs: Any) -> tuple:
                     f"got {type(example_inputs).__name__}")
 
 
+def _check_not_meta(model: nn.Module, inputs: tuple) -> None:
+    meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if meta:
+        raise ValueError(f"model has {len(meta)} tensor(s) on the 'meta' device (no values), e.g. {meta[0]!r}: "
+                         "materialise and load weights first (model.to_empty(device='cpu'), load_state_dict)")
+    if any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
+        raise ValueError("example_inputs are on the 'meta' device: pass real tensors")
+
+
 class DEPruner(tp.pruner.BasePruner):
     """DEPrune / DEPrune-B / DEPrune-BH pruner for depth-wise-separable CNNs.
 
     Args:
         model: the model, pruned in place (a timm or torchvision DSConv CNN, or any model with DW convs).
         example_inputs: a tensor or tuple of tensors the model accepts, e.g. ``torch.randn(1, 3, 224, 224)``.
-        importance: a group importance (callable over a torch-pruning group); its ``tap_scores(weight)``
-            method, when present, scores DW taps (default ``|w|``). Default :class:`DEPruneImportance`.
-        dw_pruning_ratio: DCP target for every depth-wise conv, in ``[0, 1)``.
-        pw_pruning_ratio: fraction of PW-conv2 filters (stream channels) removed per group, in ``[0, 1)``.
+        importance: a group importance **instance** (callable over a torch-pruning group); its
+            ``tap_scores(weight)`` method, when present, scores DW taps (default ``|w|``). Default
+            :class:`DEPruneImportance`.
+        dw_pruning_ratio: DCP target for every depth-wise conv, in ``[0, 1)``: the fraction of the layer's
+            taps pruned **in total** (taps pruned earlier, e.g. by a previous DEPruner, count towards it).
+        pw_pruning_ratio: fraction of PW-conv2 filters (stream channels) removed per group, in ``[0, 1)``, of
+            the widths the model has **now** (as in torch-pruning: a second DEPruner compounds, 0.5 twice
+            keeps 25%). ``0`` prunes DW taps only and never builds torch-pruning's dependency graph (works on
+            models torch-pruning cannot trace; ``pruning_history()`` is then empty).
         variant: ``"plain"`` (DEPrune), ``"B"`` (+BWT) or ``"BH"`` (+BWT+HSR).
         group_size: channels per balanced range (one DR sub-GEMM).
         tile_size: HSR alignment of kept columns (DW) and remaining filters (PW).
         iterative_steps: number of ``step()`` calls to reach the targets (torch-pruning's schedule).
         global_pruning: ``True``: per-layer DW targets from one model-wide magnitude threshold (scores
-            normalised per layer, capped by ``max_pruning_ratio``) and global PW ranking.
-        ignored_layers: modules left alone (their submodules too), e.g. ``[model.get_classifier()]``.
+            normalised per layer, capped by ``max_pruning_ratio``: a warning says when the cap lowers the
+            model-wide ratio) and global PW ranking.
+        ignored_layers: modules (or their names, e.g. ``["blocks.3"]``) left alone, submodules included.
         dw_pruning_ratio_dict: ``{module: ratio}`` overrides; a module covers the DW convs inside it.
         pruning_ratio_dict: torch-pruning's per-layer PW ratios.
         prune_dw_channels: also prune expanded (hidden) channels as plain torch-pruning would; the paper
@@ -90,6 +144,9 @@ class DEPruner(tp.pruner.BasePruner):
 
     Raises:
         ValueError / TypeError naming the argument, before the model is touched.
+        TorchPruningFailure (a ValueError): torch-pruning cannot build or search the model's graph (the
+            message names the model part; ``pw_pruning_ratio=0`` still works). Raised in seconds: a group
+            search is capped (:mod:`.limits`), and only the PW-conv2 groups are ever enumerated.
     """
 
     def __init__(
@@ -104,7 +161,7 @@ class DEPruner(tp.pruner.BasePruner):
         tile_size: int = 32,
         iterative_steps: int = 1,
         global_pruning: bool = False,
-        ignored_layers: Iterable[nn.Module] | None = None,
+        ignored_layers: Iterable[nn.Module | str] | None = None,
         dw_pruning_ratio_dict: Mapping[nn.Module, float] | None = None,
         pruning_ratio_dict: Mapping[nn.Module, float] | None = None,
         prune_dw_channels: bool = False,
@@ -117,32 +174,39 @@ class DEPruner(tp.pruner.BasePruner):
         for bad in ("pruning_ratio", "ch_sparsity"):
             if bad in tp_kwargs:
                 raise TypeError(f"{bad} is not a DEPruner argument: use pw_pruning_ratio (PW) / dw_pruning_ratio (DW)")
-        check_ratio(dw_pruning_ratio, "dw_pruning_ratio")
-        check_ratio(pw_pruning_ratio, "pw_pruning_ratio")
-        if variant not in VARIANTS:
+        unknown = sorted(set(tp_kwargs) - _BASE_ARGS)
+        if unknown:
+            raise TypeError(f"DEPruner got unexpected keyword argument(s) {unknown} (neither DEPruner's nor BasePruner's)")
+        dw_pruning_ratio = check_ratio(dw_pruning_ratio, "dw_pruning_ratio")
+        pw_pruning_ratio = check_ratio(pw_pruning_ratio, "pw_pruning_ratio")
+        if not isinstance(variant, str) or variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
-        check_positive_int(group_size, "group_size")
-        check_positive_int(tile_size, "tile_size")
-        check_positive_int(iterative_steps, "iterative_steps")
+        group_size = check_positive_int(group_size, "group_size")
+        tile_size = check_positive_int(tile_size, "tile_size")
+        iterative_steps = check_positive_int(iterative_steps, "iterative_steps")
+        global_pruning = check_bool(global_pruning, "global_pruning")
+        prune_dw_channels = check_bool(prune_dw_channels, "prune_dw_channels")
         max_ratio = tp_kwargs.get("max_pruning_ratio", 1.0)
-        if not isinstance(max_ratio, (int, float)) or not 0.0 < max_ratio <= 1.0:
-            raise ValueError(f"max_pruning_ratio must be in (0, 1], got {max_ratio!r}")
+        if isinstance(max_ratio, bool) or not isinstance(max_ratio, numbers.Real) or not 0.0 < float(max_ratio) <= 1.0:
+            raise ValueError(f"max_pruning_ratio must be a number in (0, 1], got {max_ratio!r}")
+        tp_kwargs["max_pruning_ratio"] = float(max_ratio)
         if tp_kwargs.get("round_to") is not None:
-            check_positive_int(tp_kwargs["round_to"], "round_to")
+            tp_kwargs["round_to"] = check_positive_int(tp_kwargs["round_to"], "round_to")
         if importance is None:
             importance = DEPruneImportance()
+        if isinstance(importance, type):
+            raise TypeError(f"importance must be an instance, e.g. importance={importance.__name__}(), "
+                            f"got the class {importance.__name__}")
         if not callable(importance):
             raise TypeError("importance must be callable over a torch-pruning group")
         if not (callable(hsr_alpha) or hsr_alpha in ("cost_model", "measured")):
             raise ValueError(f"hsr_alpha must be 'cost_model', 'measured' or a callable, got {hsr_alpha!r}")
         module_ids = {id(m) for m in model.modules()}
-        _check_ratio_dict(dw_pruning_ratio_dict, "dw_pruning_ratio_dict", module_ids)
-        _check_ratio_dict(pruning_ratio_dict, "pruning_ratio_dict", module_ids)
-        ignored_layers = list(ignored_layers or [])
-        for m in ignored_layers:
-            if isinstance(m, nn.Module) and id(m) not in module_ids:
-                raise ValueError(f"ignored_layers holds a module that is not part of the model: {m.__class__.__name__}")
+        dw_pruning_ratio_dict = _check_ratio_dict(dw_pruning_ratio_dict, "dw_pruning_ratio_dict", module_ids)
+        pruning_ratio_dict = _check_ratio_dict(pruning_ratio_dict, "pruning_ratio_dict", module_ids)
+        ignored_layers = _resolve_ignored(model, ignored_layers, module_ids)
         inputs = _as_inputs(example_inputs)
+        _check_not_meta(model, inputs)
         ignored_set = {s for m in ignored_layers if isinstance(m, nn.Module) for s in m.modules()}
         if not find_depthwise(model, ignored_set):
             raise ValueError("model has no depth-wise conv (groups == in_channels == out_channels, kernel > 1) "
@@ -156,11 +220,15 @@ class DEPruner(tp.pruner.BasePruner):
             raise ValueError(f"example_inputs do not fit the model: {type(e).__name__}: {e}") from e
         finally:
             model.train(was_training)
+        already = [n for n, m in find_depthwise(model, ignored_set) if tap_mask(m) is not None]
+        if already:
+            warnings.warn(f"{len(already)} DW conv(s) already carry tap masks (e.g. {already[0]!r}): "
+                          "dw_pruning_ratio counts their pruned taps (a layer's total, not more on top), while "
+                          "pw_pruning_ratio removes that fraction of the current widths (it compounds)",
+                          stacklevel=2)
 
-        # ---- build torch-pruning's machinery ----
-        for d in ("in_channel_groups", "out_channel_groups", "num_heads", "channel_groups"):
-            tp_kwargs.setdefault(d, {})  # BasePruner mutates shared default dicts: pass fresh ones
-        self.dw_pruning_ratio = float(dw_pruning_ratio)
+        # ---- build torch-pruning's machinery (only when channels are to be removed) ----
+        self.dw_pruning_ratio = dw_pruning_ratio
         self.variant = variant
         self.use_bwt, self.use_hsr = VARIANTS[variant]
         self.group_size = group_size
@@ -168,27 +236,18 @@ class DEPruner(tp.pruner.BasePruner):
         self.prune_dw_channels = prune_dw_channels
         self.hsr_alpha = hsr_alpha
         self.example_inputs = inputs
-        try:
-            super().__init__(model, inputs, importance=importance, global_pruning=global_pruning,
-                             pruning_ratio=pw_pruning_ratio, pruning_ratio_dict=pruning_ratio_dict,
-                             iterative_steps=iterative_steps, ignored_layers=ignored_layers, **tp_kwargs)
-        finally:
-            model.train(was_training)  # tracing leaves the model in eval mode
-        self.pw_pruning_ratio = float(pw_pruning_ratio)
-
-        user_ignored = set(self.ignored_layers)
-        self._dw = find_depthwise(model, user_ignored)
-        self.structure = analyse(self.DG, model, self._dw, self._probe_record)
-        allowed = set(self.structure.pw_target_layers)
-        if prune_dw_channels:
-            allowed |= self.structure.hidden_layers
-        self.ignored_layers.extend(m for m in self.DG.module2node
-                                   if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTM)) and m not in allowed
-                                   and m not in user_ignored)
+        self.uses_graph = pw_pruning_ratio > 0 or any(r > 0 for r in pruning_ratio_dict.values())
+        if self.uses_graph:
+            self._init_with_graph(model, inputs, importance, global_pruning, pw_pruning_ratio, pruning_ratio_dict,
+                                  iterative_steps, ignored_layers, tp_kwargs, was_training)
+        else:
+            self._init_without_graph(model, importance, global_pruning, pw_pruning_ratio, iterative_steps,
+                                     ignored_layers, tp_kwargs)
+        self.pw_pruning_ratio = pw_pruning_ratio
 
         self.dw_schedule = self.iterative_pruning_ratio_scheduler(self.dw_pruning_ratio, self.iterative_steps)
         self._dw_override: dict[nn.Module, list[float]] = {}
-        for key, ratio in (dw_pruning_ratio_dict or {}).items():
+        for key, ratio in dw_pruning_ratio_dict.items():
             for k in key if isinstance(key, tuple) else (key,):
                 for m in k.modules():
                     if is_depthwise(m):
@@ -199,6 +258,68 @@ class DEPruner(tp.pruner.BasePruner):
         self._pw_before = {b.dw: sum(self._out_channels(p) for p in b.pw2) for b in self.structure.blocks}
         self.cost_before: Cost = count_cost(model, inputs)
         self.last_step_seconds: float | None = None
+
+    def _init_with_graph(self, model, inputs, importance, global_pruning, pw_pruning_ratio, pruning_ratio_dict,
+                         iterative_steps, ignored_layers, tp_kwargs, was_training) -> None:
+        for d in ("in_channel_groups", "out_channel_groups", "num_heads", "channel_groups"):
+            tp_kwargs.setdefault(d, {})  # BasePruner mutates shared default dicts: pass fresh ones
+        # BasePruner.__init__ enumerates every group of the model (to count channels for head pruning);
+        # on some models one of them takes minutes. DEPruner prunes only PW-conv2 groups: let the base
+        # enumerate nothing and restore the root types afterwards (_prune then sees the targets only).
+        root_types = tp_kwargs.pop("root_module_types", [ops.TORCH_CONV, ops.TORCH_LINEAR, ops.TORCH_LSTM])
+        try:
+            super().__init__(model, inputs, importance=importance, global_pruning=global_pruning,
+                             pruning_ratio=pw_pruning_ratio, pruning_ratio_dict=pruning_ratio_dict or None,
+                             iterative_steps=iterative_steps, ignored_layers=ignored_layers,
+                             root_module_types=[], **tp_kwargs)
+        except Exception as e:  # noqa: BLE001 - torch-pruning's failure, reported with the model part
+            raise failure_from(e, model, "building the dependency graph") from e
+        finally:
+            model.train(was_training)  # tracing leaves the model in eval mode
+        self.root_module_types = root_types
+        user_ignored = set(self.ignored_layers)
+        self._dw = find_depthwise(model, user_ignored)
+        names = {m: n for n, m in model.named_modules()}
+        try:
+            with bounded_groups():
+                self.structure = analyse(self.DG, model, self._dw, self._probe_record)
+        except GroupSearchTooLong as e:
+            part = names.get(getattr(e, "module", None), "?")
+            raise TorchPruningFailure(
+                f"torch-pruning 1.6.1 cannot search the channel group of {part!r} in {type(model).__name__}: "
+                f"its dependency search passed {GROUP_STEP_LIMIT} items without ending (a residual added into a "
+                f"slice of the channels does this); {DW_ONLY_HINT}") from None
+        except Exception as e:  # noqa: BLE001
+            raise failure_from(e, model, "searching the PW-conv2 groups") from e
+        allowed = set(self.structure.pw_target_layers)
+        if self.prune_dw_channels:
+            allowed |= self.structure.hidden_layers
+        self.ignored_layers.extend(m for m in self.DG.module2node
+                                   if isinstance(m, (nn.Conv2d, nn.Linear, nn.LSTM)) and m not in allowed
+                                   and m not in user_ignored)
+        # What BasePruner counted over all groups, over the groups DEPruner prunes.
+        self.initial_total_channels = sum(self.DG.get_out_channels(r) or 0 for r in self.structure.pw_group_roots)
+
+    def _init_without_graph(self, model, importance, global_pruning, pw_pruning_ratio, iterative_steps,
+                            ignored_layers, tp_kwargs) -> None:
+        """DW taps only: the BasePruner state DEPruner and BasePruner's public methods read, and no graph."""
+        self.model = model
+        self.importance = importance
+        self.global_pruning = global_pruning
+        self.pruning_ratio = pw_pruning_ratio
+        self.pruning_ratio_dict = {}
+        self.max_pruning_ratio = tp_kwargs["max_pruning_ratio"]
+        self.round_to = tp_kwargs.get("round_to")
+        self.isomorphic = tp_kwargs.get("isomorphic", False)
+        self.iterative_steps = iterative_steps
+        self.iterative_pruning_ratio_scheduler = tp_kwargs.get("iterative_pruning_ratio_scheduler", linear_scheduler)
+        self.per_step_pruning_ratio = self.iterative_pruning_ratio_scheduler(pw_pruning_ratio, iterative_steps)
+        self.current_step = 0
+        self.ignored_layers = [s for m in ignored_layers if isinstance(m, nn.Module) for s in m.modules()]
+        self.ignored_params = [p for p in ignored_layers if isinstance(p, nn.Parameter)]
+        self.DG = None
+        self._dw = find_depthwise(model, set(self.ignored_layers))
+        self.structure = DEPruneStructure([DSConvBlock(n, m) for n, m in self._dw], set(), [], set())
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -221,7 +342,13 @@ class DEPruner(tp.pruner.BasePruner):
 
     # ------------------------------------------------------------------ pruning
     def step(self, interactive: bool = False):
-        """One pruning step (see torch-pruning). Returns the group generator when ``interactive``."""
+        """One pruning step (see torch-pruning). Returns the group generator when ``interactive``.
+
+        With ``interactive=True`` the step counter advances at once (as in torch-pruning) and DW taps are
+        pruned when the generator is exhausted: leaving the loop early (``break``) prunes no DW taps in this
+        step, and a warning says so.
+        """
+        check_bool(interactive, "interactive")
         if interactive:
             return super().step(interactive=True)
         t0 = time.perf_counter()
@@ -235,14 +362,21 @@ class DEPruner(tp.pruner.BasePruner):
             return
         # Collect the PW plan first: HSR on PW ranks all groups before any is pruned. Groups are disjoint
         # channel sets, so each is rebuilt lazily against the current shapes when its turn comes.
-        plan = [(g[0].dep.target.module, g[0].dep.handler, list(g[0].idxs)) for g in super()._prune()]
-        if self.use_hsr:
+        plan = [] if self.DG is None else \
+            [(g[0].dep.target.module, g[0].dep.handler, list(g[0].idxs)) for g in super()._prune()]
+        if self.use_hsr and plan:
             plan = self._hsr_pw(plan)
         for module, handler, idxs in plan:
             group = self.DG.get_pruning_group(module, handler, idxs)
             if not self.DG.check_pruning_group(group):
                 continue
-            yield group
+            try:
+                yield group
+            except GeneratorExit:
+                warnings.warn(f"step(interactive=True) was left before its end: no DW taps were pruned in step "
+                              f"{self.current_step} (current_step advanced anyway); iterate the generator to "
+                              "the end to prune them", stacklevel=2)
+                raise
             for dep, removed in group:  # the caller pruned the group (or not): keep masks in step
                 if tap_mask(dep.target.module) is not None:
                     slice_tap_mask(dep.target.module, removed)
@@ -278,9 +412,14 @@ class DEPruner(tp.pruner.BasePruner):
         targets = {m: self._dw_ratio(m) for _, m in convs}
         if self.global_pruning:
             free = [m for _, m in convs if m not in self._dw_override]
-            ratios = global_layer_ratios([scores[m] for m in free], self.dw_schedule[self.current_step],
-                                         self.max_pruning_ratio)
+            asked = self.dw_schedule[self.current_step]
+            ratios = global_layer_ratios([scores[m] for m in free], asked, self.max_pruning_ratio)
             targets.update(zip(free, ratios))
+            taps = [m.weight.numel() for m in free]
+            got = sum(r * n for r, n in zip(ratios, taps)) / max(sum(taps), 1)
+            if asked - got > 1.0 / max(sum(taps), 1):  # more than rounding: the per-layer cap bit
+                warnings.warn(f"global_pruning: max_pruning_ratio={self.max_pruning_ratio} caps every DW layer, so "
+                              f"the model-wide DW ratio is {got:.2%}, not the requested {asked:.2%}", stacklevel=4)
         prev = {m: (tap_mask(m) if tap_mask(m) is not None else torch.ones_like(m.weight, dtype=torch.bool))
                 for _, m in convs}
         keep = {}
@@ -302,6 +441,18 @@ class DEPruner(tp.pruner.BasePruner):
         for _, m in convs:
             attach_tap_mask(m, keep[m])
             self._dw_target[m] = targets[m]
+
+    def pruning_history(self) -> list:
+        """torch-pruning's channel-pruning history (empty when no dependency graph was needed)."""
+        return [] if self.DG is None else super().pruning_history()
+
+    def load_pruning_history(self, pruning_history) -> None:
+        if self.DG is None:
+            if pruning_history:
+                raise ValueError("this DEPruner prunes DW taps only (pw_pruning_ratio=0): it has no dependency "
+                                 "graph to replay a channel-pruning history on")
+            return
+        super().load_pruning_history(pruning_history)
 
     # ------------------------------------------------------------------ report
     def summary(self) -> Summary:

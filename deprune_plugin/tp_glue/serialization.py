@@ -4,13 +4,19 @@ Two formats in one file (``torch.save`` of a dict):
 
 - **rebuildable** (``arch`` given): architecture name, torch-pruning's pruning history and the state
   dict (tap masks included). :func:`load` rebuilds the model, replays the history on a fresh dependency
-  graph, installs the masks and loads the weights; it loads with ``weights_only=True``.
-- **pickled** (no ``arch``): the whole module. Needs ``weights_only=False``, so only load files you trust.
+  graph (none when no channel was removed), installs the masks and loads the weights.
+- **pickled** (no ``arch``): the whole module.
+
+Loading never runs code from a file by default: :func:`load` reads with ``torch.load(weights_only=True)``
+only. A file that needs full unpickling (the pickled format, or anything crafted) is refused with an error
+naming the file and the opt-in ``load(path, trusted=True)``, which is **only for files you made**:
+unpickling can run arbitrary code.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+import pickle
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,35 +59,70 @@ def _plain_history(history: list) -> list:
     return [[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in history]
 
 
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load a model saved by :func:`save` (rebuilding and replaying it if it was saved with ``arch``).
-
-    Raises:
-        FileNotFoundError: no such file. ValueError: not a deprune_plugin file.
-    """
+def _read(path: str | os.PathLike, map_location: str | torch.device, trusted: bool) -> Any:
+    """``torch.load`` weights-only; with ``trusted`` a file that needs pickle is unpickled instead."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception:  # noqa: BLE001 - a pickled module: retry trusting the file
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trusted:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"{os.fspath(path)} cannot be loaded as weights only (it needs full unpickling, which can run "
+                f"code from the file: {reason}); refused. Only for files you made: load(path, trusted=True) "
+                "(deprune inspect --trusted)") from None
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, trusted: bool = False,
+         build: Callable[[dict[str, Any]], nn.Module] | None = None) -> nn.Module:
+    """Load a model saved by :func:`save` (rebuilding and replaying it if it was saved with ``arch``).
+
+    Args:
+        path: the file.
+        map_location: where tensors go.
+        trusted: allow full unpickling for a file that needs it (the pickled format). **Only for files you
+            made**: unpickling can run arbitrary code. Default: weights only, never unpickles.
+        build: ``build(arch) -> nn.Module`` builds the unpruned model from the stored ``arch`` dict, for
+            architectures outside timm/torchvision (default: :func:`deprune_plugin.core.zoo.build_model`).
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a deprune_plugin file, or a file that needs
+        unpickling without ``trusted=True``.
+    """
+    if not isinstance(trusted, bool):
+        raise TypeError(f"trusted must be True or False, got {trusted!r}")
+    if build is not None and not callable(build):
+        raise TypeError(f"build must be a callable arch -> nn.Module, got {type(build).__name__}")
+    payload = _read(path, map_location, trusted)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a deprune_plugin model file")
     if "model" in payload:
+        if not isinstance(payload["model"], nn.Module):
+            raise ValueError(f"{path}: its 'model' entry is not an nn.Module")
         return payload["model"]
     arch = payload["arch"]
-    model = build_model(arch["source"], arch["name"], **arch.get("kwargs", {}))
+    if build is not None:
+        model = build(dict(arch))
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"build(arch) must return an nn.Module, got {type(model).__name__}")
+    else:
+        model = build_model(arch["source"], arch["name"], **arch.get("kwargs", {}))
     model.eval()
-    with torch.enable_grad():  # torch-pruning traces with autograd; load() may be called under no_grad
-        DG = tp.DependencyGraph().build_dependency(model, example_inputs=(torch.zeros(*payload["input_shape"]),))
-        DG.load_pruning_history(_plain_history(payload["history"]))
-    run_fixups(model)
+    history = _plain_history(payload["history"])
+    if history:  # DW taps only (no channel removed): no dependency graph needed
+        with torch.enable_grad():  # torch-pruning traces with autograd; load() may be called under no_grad
+            DG = tp.DependencyGraph().build_dependency(model, example_inputs=(torch.zeros(*payload["input_shape"]),))
+            DG.load_pruning_history(history)
+        run_fixups(model)
     install_mask_hooks_from_state(model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     return model
 
 
-def load_extra(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``extra`` dict of a saved file (weights-only load)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    return payload.get("extra", {})
+def load_extra(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
+    """The ``extra`` dict of a saved file (weights-only load unless ``trusted``, see :func:`load`)."""
+    payload = _read(path, "cpu", trusted)
+    extra = payload.get("extra", {}) if isinstance(payload, dict) else {}
+    return extra if isinstance(extra, dict) else {}

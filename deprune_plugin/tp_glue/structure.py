@@ -24,6 +24,7 @@ from torch_pruning import ops
 
 from ..core.masks import is_depthwise
 from ..core.probe import ProbeRecord
+from .limits import GroupSearchTooLong
 
 
 @dataclass
@@ -52,9 +53,14 @@ def _members(DG, group, out: bool) -> list[nn.Module]:
 
 
 def channel_group(DG, module: nn.Module):
-    """The full dependency group of ``module``'s output channels."""
+    """The full dependency group of ``module``'s output channels (a :class:`GroupSearchTooLong` raised
+    inside, under :func:`.limits.bounded_groups`, carries ``module``)."""
     pruner = DG.get_pruner_of_module(module)
-    return DG.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+    try:
+        return DG.get_pruning_group(module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module))))
+    except GroupSearchTooLong as e:
+        e.module = module
+        raise
 
 
 def _common_prefix(a: str, b: str) -> int:
