@@ -306,3 +306,17 @@ def test_kernel_backend_checks_choices_and_reports_them_per_layer():
     fresh.load_state_dict(layers[0].state_dict())
     assert fresh.choices == layers[0].choices
     assert fresh.dispatcher().cache.keys() == layers[0].dispatcher().cache.keys()  # restored, not re-timed
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    ({"config": {"channels_last": False}}, TypeError, "config must be an AccelerateConfig"),
+    ({"filter_fn": "blocks"}, TypeError, "filter_fn"),
+    ({"example_inputs": "image"}, TypeError, "example_inputs"),
+    ({"example_inputs": ()}, TypeError, "example_inputs"),
+    ({"backend": "tpu"}, ValueError, "backend"),
+])
+def test_bad_arguments_are_clear_errors_before_anything_is_built(kwargs, exc, match):
+    """Before: a dict config gave AttributeError: 'dict' object has no attribute 'fold_batchnorm'."""
+    m = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3)).eval()
+    with pytest.raises(exc, match=match):
+        accelerate(m, **kwargs)
