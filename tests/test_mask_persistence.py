@@ -82,10 +82,14 @@ def test_later_torch_pruning_channel_removal_shrinks_masks():
 
 
 def test_state_dict_into_freshly_pruned_model_and_rebuildable_file(tmp_path):
+    torch.manual_seed(0)
     m, p = pruned_model()
-    train_steps(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9))
+    # lr 1e-3: at 0.01 a randomly initialised MobileNetV2 (pruned or not) occasionally overflows to NaN in
+    # three steps (1 of 80 seeds unpruned), and NaN != NaN would fail the exact comparisons below.
+    train_steps(m, torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9))
     m.eval()
     y = m(X)
+    assert torch.isfinite(y).all()
     fresh, _ = pruned_model()  # same architecture and pruning, other weights
     fresh.load_state_dict(m.state_dict())
     fresh.eval()

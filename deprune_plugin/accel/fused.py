@@ -32,7 +32,7 @@ __all__ = ["FusedDSConv", "fused_kernel_available", "plan_pair_edits"]
 
 def fused_kernel_available() -> bool:
     """Whether the kernels package provides the fused DW+PW kernel."""
-    from .. import kernels
+    import deprune_plugin.kernels as kernels
 
     return hasattr(kernels, "dw_pw_fused")
 
@@ -78,7 +78,7 @@ class FusedDSConv(nn.Module):
 
     def run_fused(self, x: torch.Tensor) -> torch.Tensor:
         """The fused kernel (DW taps + bias + act, then the PW GEMM + bias, in one pass)."""
-        from .. import kernels
+        import deprune_plugin.kernels as kernels
 
         dw = self.dw
         fmt = dw.formats()
