@@ -1,8 +1,11 @@
 """End-to-end tests of the ``deprune`` command, run as a subprocess exactly as a user would."""
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -392,3 +395,74 @@ def test_prune_and_inspect_print_the_same_labelled_parameter_count(pruned_run):
     assert from_prune.group(1) == f"{count_params(load(out / 'model.pt')) / 1e6:.3f}"
     data = json.loads(deprune("inspect", "--json", str(out / "model.pt"), cwd=out).stdout)
     assert data["params"] == count_params(load(out / "model.pt")) and data["params_definition"] == PARAMS_LABEL
+
+
+# ---------------------------------------------------------------------------------- names the CLI tells users
+_DOTTED = re.compile(r"\bdeprune_plugin(?:\.[A-Za-z_]\w*)+")
+_FROM_IMPORT = re.compile(r"\bfrom\s+(deprune_plugin(?:\.\w+)*)\s+import\s+(\w+)")
+
+
+def _resolves(dotted: str) -> bool:
+    """True if ``dotted`` is a module of ours or an attribute reachable from one (``deprune_plugin.load``,
+    ``deprune_plugin.core.masks.apply_tap_masks_``)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def _unresolved_names(text: str) -> list[str]:
+    names = set(_DOTTED.findall(text)) | {f"{mod}.{name}" for mod, name in _FROM_IMPORT.findall(text)}
+    return sorted(n for n in names if not _resolves(n))
+
+
+def _cli_texts() -> str:
+    """Everything the CLI shows or documents: every (sub)command's --help, the module's and its
+    functions' docstrings (error messages quote names too, e.g. ``_state_dict_from``)."""
+    import inspect as pyinspect
+
+    from deprune_plugin.app import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    texts = [parser.format_help()] + [p.format_help() for p in sub.choices.values()]
+    texts.append(pyinspect.getsource(cli))  # docstrings, help= strings and messages alike
+    return "\n".join(texts)
+
+
+def test_every_deprune_plugin_name_in_the_cli_texts_is_importable():
+    text = _cli_texts()
+    assert "from deprune_plugin import load" in text  # the example of `deprune prune --help`
+    assert "deprune_plugin.app.bench" in text
+    assert _unresolved_names(text) == []
+
+
+def test_the_name_checker_catches_a_stale_name():
+    """The names the CLI used to print before the layout change must be reported, the current ones not."""
+    stale = ('python -c "import deprune_plugin.serialization as s; m = s.load(\'pruned.pt\')"\n'
+             "speed benchmark (:mod:`deprune_plugin.bench`); from deprune_plugin import nothing_here")
+    assert _unresolved_names(stale) == ["deprune_plugin.bench", "deprune_plugin.nothing_here",
+                                        "deprune_plugin.serialization"]
+    # a module that exists with an attribute that does not
+    assert _unresolved_names("deprune_plugin.core.summary._kept_str") == ["deprune_plugin.core.summary._kept_str"]
+    assert _unresolved_names("deprune_plugin.load, deprune_plugin.core.masks.apply_tap_masks_, "
+                             "from deprune_plugin.app import bench") == []
+
+
+def test_kept_str_is_the_one_run_length_format():
+    from deprune_plugin.app import cli
+    from deprune_plugin.core.summary import kept_str
+
+    assert kept_str([64, 64, 64, 32]) == "64x3,32"
+    assert kept_str([7, 5, 5, 7]) == "7,5x2,7"
+    assert kept_str([]) == ""
+    assert not hasattr(cli, "_kept_str")  # one definition: the CLI imports it

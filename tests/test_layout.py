@@ -46,8 +46,18 @@ def _room(module: str) -> str:
     return parts[1]
 
 
+def _is_our_module(dotted: str) -> bool:
+    """True if ``dotted`` (``deprune_plugin.x.y``) names a module or subpackage of the tree under ``PKG``."""
+    where = PKG.parent.joinpath(*dotted.split("."))
+    return where.with_suffix(".py").is_file() or (where / "__init__.py").is_file()
+
+
 def _imports(path: Path) -> list[tuple[int, str]]:
-    """Every imported module name (absolute), module level and inside functions alike."""
+    """Every imported module name (absolute), module level and inside functions alike.
+
+    ``from PKG import X`` imports ``PKG.X`` when ``PKG/X`` is a module or subpackage of ours (``from ..
+    import kernels`` inside ``accel`` imports ``deprune_plugin.kernels``, not the root package), and ``PKG``
+    itself when ``X`` is a plain name defined in ``PKG/__init__.py`` (``from .. import accelerate``)."""
     tree = ast.parse(path.read_text())
     here = _module_name(path).split(".")
     package = here if path.name == "__init__.py" else here[:-1]
@@ -59,10 +69,14 @@ def _imports(path: Path) -> list[tuple[int, str]]:
             if node.level:
                 base = package[: len(package) - node.level + 1]
                 name = ".".join(base + ([node.module] if node.module else []))
-                # `from . import x` may import a submodule x
-                out += [(node.lineno, name)] + [(node.lineno, f"{name}.{a.name}") for a in node.names]
             else:
-                out.append((node.lineno, node.module))
+                name = node.module
+            if name.split(".")[0] != "deprune_plugin":
+                out.append((node.lineno, name))
+                continue
+            for a in node.names:
+                sub = f"{name}.{a.name}"
+                out.append((node.lineno, sub if a.name != "*" and _is_our_module(sub) else name))
     return out
 
 
@@ -108,6 +122,34 @@ def test_the_rule_reader_catches_a_planted_violation(tmp_path, monkeypatch):
     found = _violations()
     assert any("kernels/planted.py:1" in v and "kernels may not import accel" in v for v in found), found
     assert any("core/planted.py:2" in v and "only tp_glue may import torch_pruning" in v for v in found), found
+
+
+def test_from_package_import_submodule_is_read_as_that_submodule(tmp_path, monkeypatch):
+    """``from .. import X`` imports the room ``X`` when ``X`` is a subpackage, the root only when ``X`` is a
+    plain name of ``deprune_plugin/__init__.py``: planted in a copy, each must be reported as exactly that."""
+    import shutil
+
+    copy = tmp_path / "deprune_plugin"
+    shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "kernels" / "planted.py").write_text(
+        "from .. import tp_glue\n"            # line 1: kernels -> tp_glue (not root)
+        "from deprune_plugin import accel\n"  # line 2: the absolute form, kernels -> accel
+        "from .. import accelerate\n"         # line 3: a name of the root package: kernels -> root
+        "from . import formats\n")            # line 4: own room: fine
+    (copy / "accel" / "planted.py").write_text("from .. import kernels\nfrom ..kernels import formats\n")
+    monkeypatch.setattr(sys.modules[__name__], "PKG", copy)
+    found = [v for v in _violations() if "planted.py" in v]
+    assert sorted(found) == [
+        "deprune_plugin/kernels/planted.py:1 imports deprune_plugin.tp_glue: kernels may not import tp_glue",
+        "deprune_plugin/kernels/planted.py:2 imports deprune_plugin.accel: kernels may not import accel",
+        "deprune_plugin/kernels/planted.py:3 imports deprune_plugin: kernels may not import root",
+    ], found
+    # how each form is read
+    assert _imports(copy / "kernels" / "planted.py") == [
+        (1, "deprune_plugin.tp_glue"), (2, "deprune_plugin.accel"), (3, "deprune_plugin"),
+        (4, "deprune_plugin.kernels.formats")]
+    assert _imports(copy / "accel" / "planted.py") == [(1, "deprune_plugin.kernels"),
+                                                       (2, "deprune_plugin.kernels.formats")]
 
 
 def _run(code: str) -> subprocess.CompletedProcess:

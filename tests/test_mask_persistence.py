@@ -234,3 +234,63 @@ def test_inference_forward_writes_no_weight():
     with torch.no_grad():
         m(X)
     assert {n: c.weight._version for n, c in masked_convs(m)} == versions
+
+
+def output_with_explicitly_masked_weights(m, x):
+    """``m(x)`` computed with every masked DW weight masked by hand (``functional_call``, nothing written)."""
+    params = {f"{n}.weight": c.weight.detach().masked_fill(~tap_mask(c), 0) for n, c in masked_convs(m)}
+    return torch.func.functional_call(m, params, (x,))
+
+
+@pytest.mark.parametrize("make_opt, state_keys", [
+    (lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, weight_decay=1e-4), ("momentum_buffer",)),
+    (lambda ps: torch.optim.Adam(ps, lr=1e-3), ("exp_avg", "exp_avg_sq")),
+], ids=["sgd-momentum", "adam"])
+def test_optimizer_created_before_pruning_cannot_revive_pruned_taps(make_opt, state_keys):
+    """An optimizer built before pruning holds momentum / Adam moments at taps pruned later; with a zero
+    gradient its step would still move them (thousands of non-zero pruned taps without the step post-hook)."""
+    torch.manual_seed(0)
+    m = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=10)
+    opt = make_opt(m.parameters())
+    train_steps(m, opt, n=2)  # optimizer state now non-zero at (almost) every tap
+    # DW taps only: the DW Parameters stay the very objects the optimizer holds
+    DEPruner(m, X, dw_pruning_ratio=0.6, pw_pruning_ratio=0.0, ignored_layers=[m.get_classifier()]).step()
+    convs = list(masked_convs(m))
+    assert len(convs) == 17
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(c.weight) in held for _, c in convs)
+    # the precondition of the hole: stale state at pruned taps
+    assert all((opt.state[c.weight][k][~tap_mask(c)] != 0).any() for _, c in convs for k in state_keys)
+    after_pruning = {n: c.weight.detach().clone() for n, c in convs}
+    for step in range(3):
+        train_steps(m, opt, n=1)
+        for n, c in convs:
+            pruned = ~tap_mask(c)
+            assert int((c.weight[pruned] != 0).sum()) == 0, f"step {step}: {n} has non-zero pruned taps"
+            for k in state_keys:  # the state is cleared too, so it stops pushing
+                assert int((opt.state[c.weight][k][pruned] != 0).sum()) == 0, f"step {step}: {n} {k}"
+        m.eval()
+        with torch.no_grad():
+            y = m(X)
+            assert torch.isfinite(y).all(), f"step {step}: training diverged, the comparison would be vacuous"
+            assert torch.equal(y, output_with_explicitly_masked_weights(m, X)), f"step {step}"
+    # the steps really trained the kept taps
+    assert all(not torch.equal(after_pruning[n], c.weight) for n, c in convs) and kept_taps_nonzero(m)
+
+
+def test_the_optimizer_hook_registry_keeps_no_model_alive():
+    """The param -> conv registry of the optimizer post-hook is weak: a dropped model is freed."""
+    import gc
+    import weakref
+
+    from deprune_plugin.core import masks
+
+    m = TwiceDW()
+    DEPruner(m, torch.randn(2, 3, 8, 8), dw_pruning_ratio=0.5, pw_pruning_ratio=0.0, variant="plain").step()
+    weight_id = id(m.dw.weight)
+    assert masks._MASKED_PARAMS[weight_id][1]() is m.dw
+    model_ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert model_ref() is None
+    assert weight_id not in masks._MASKED_PARAMS or masks._MASKED_PARAMS[weight_id][1]() is None

@@ -3,10 +3,10 @@
 Subcommands:
 
 - ``deprune prune``: build (and briefly train) a model, prune it with DEPrune, fine-tune, measure
-  accuracy and latency before/after, save a file that ``deprune_plugin.serialization.load`` rebuilds in
-  one call, print the per-layer table and write a PNG report.
+  accuracy and latency before/after, save a file that ``deprune_plugin.load`` (``from deprune_plugin import
+  load``) rebuilds in one call, print the per-layer table and write a PNG report.
 - ``deprune inspect PATH``: the tap-mask report and stored metrics of a saved model.
-- ``deprune bench ...``: speed benchmark (:mod:`deprune_plugin.bench`).
+- ``deprune bench ...``: speed benchmark (:mod:`deprune_plugin.app.bench`).
 
 Bad input is reported as one line ``deprune: error: ...`` on stderr with exit status 2, and is detected
 before any training starts, so a failed call writes nothing. An unexpected internal error is one line
@@ -146,18 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``deprune`` argument parser (errors raise :class:`BadInput`)."""
     parser = _Parser(prog=PROG, description="DEPrune for torch-pruning: prune, inspect and benchmark DSConv CNNs.",
                      epilog=f"--debug (anywhere) or {DEBUG_ENV}=1: show the traceback of an internal error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,export,bench}")
     p = sub.add_parser("prune", help="train, prune, fine-tune, measure and save a model",
                        description=_PRUNE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_prune_arguments(p)
     p.set_defaults(func=run_prune)
     p = sub.add_parser("inspect", help="per-layer tap-mask report and metrics of a saved model")
-    p.add_argument("path", help="a file written by `deprune prune` (or deprune_plugin.serialization.save)")
+    p.add_argument("path", help="a file written by `deprune prune` (or deprune_plugin.save)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--trusted", action="store_true",
                    help="allow full unpickling for a file that needs it; ONLY for files you made "
                         "(unpickling can run code from the file). Default: weights only")
     p.set_defaults(func=run_inspect)
+    p = sub.add_parser("export", help="write a saved pruned model as a checked ONNX file or OpenVINO IR",
+                       description="Masks made permanent, BatchNorm folded, dynamic batch and spatial size; the "
+                                   "written file is run in ONNX Runtime / OpenVINO and compared with the model.")
+    p.add_argument("path", help="a file written by `deprune prune` (or deprune_plugin.save)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="(default: %(default)s)")
+    p.add_argument("--out", default=None, help="output file (default: PATH with .onnx, or .xml for openvino)")
+    p.add_argument("--input-size", type=_int_at_least(8), default=None,
+                   help="image size to trace with (default: the size stored in the file)")
+    p.add_argument("--no-check", action="store_true", help="do not run the written file against the model")
+    p.add_argument("--trusted", action="store_true",
+                   help="allow full unpickling for a file that needs it; ONLY for files you made")
+    p.set_defaults(func=run_export)
     _add_bench(sub)
     return parser
 
@@ -167,7 +179,7 @@ Prune a DSConv CNN with DEPrune and fine-tune it.
 
 Example (a few minutes on a laptop CPU, built-in digits data, nothing downloaded):
   deprune prune --model mobilenetv2_100 --dw 0.78 --pw 0.5 --out pruned.pt
-  python -c "import deprune_plugin.serialization as s; m = s.load('pruned.pt')"
+  python -c "from deprune_plugin import load; m = load('pruned.pt')"
 """
 
 
@@ -194,7 +206,7 @@ def _check_writable(path: str, what: str) -> None:
 def _state_dict_from(obj: Any, path: str) -> dict:
     if isinstance(obj, dict) and obj.get("format", "").startswith("deprune-"):
         _fail(f"checkpoint {path!r} is an already pruned deprune_plugin model; load it with "
-              "deprune_plugin.serialization.load (or use `deprune inspect`)")
+              "deprune_plugin.load (or use `deprune inspect`)")
     for key in ("state_dict", "model_state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -333,7 +345,8 @@ def _measure_latency(dense, pruned, args: argparse.Namespace, device) -> tuple[d
 
 def _plain_args(args: argparse.Namespace) -> dict[str, Any]:
     """The arguments as plain data (what ``torch.load(weights_only=True)`` reads back)."""
-    return {k: v for k, v in vars(args).items() if k != "func" and (v is None or isinstance(v, (str, int, float, bool)))}
+    return {k: v for k, v in vars(args).items()
+            if k != "func" and (v is None or isinstance(v, (str, int, float, bool)))}
 
 
 def _flush_denormal_enabled() -> bool:
@@ -444,17 +457,6 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- inspect
-def _kept_str(kept: list[int]) -> str:
-    """Run-length form of per-range kept counts: ``[64, 64, 32]`` -> ``64x2,32``."""
-    parts: list[str] = []
-    for k in kept:
-        if parts and parts[-1][0] == k:
-            parts[-1][1] += 1
-        else:
-            parts.append([k, 1])
-    return ",".join(f"{k}x{n}" if n > 1 else str(k) for k, n in parts)
-
-
 def inspect_report(path: str, trusted: bool = False) -> dict[str, Any]:
     """The tap-mask report of a saved model, recomputed from its masks, plus what the file stores.
 
@@ -491,6 +493,7 @@ def inspect_report(path: str, trusted: bool = False) -> dict[str, Any]:
 
 def _print_inspect(rep: dict[str, Any]) -> None:
     from ..core.cost import PARAMS_LABEL
+    from ..core.summary import kept_str  # one run-length format for prune's table and inspect's
 
     head = f"{'layer':<34} {'k':>5} {'C':>5} {'target':>7} {'real':>7} {'pruned':>7}  {'K per range':<18} zero"
     print(f"{rep['path']}: {len(rep['layers'])} masked DW conv(s), {rep['params_definition']} "
@@ -500,7 +503,7 @@ def _print_inspect(rep: dict[str, Any]) -> None:
     for r in rep["layers"]:
         target = "-" if r["target_ratio"] is None else f"{r['target_ratio']:.2%}"
         print(f"{r['name'][-34:]:<34} {r['kernel'][0]}x{r['kernel'][1]:<3} {r['channels']:>5} {target:>7} "
-              f"{r['real_ratio']:>7.2%} {r['pruned_fraction']:>7.2%}  {_kept_str(r['kept_per_range']):<18} "
+              f"{r['real_ratio']:>7.2%} {r['pruned_fraction']:>7.2%}  {kept_str(r['kept_per_range']):<18} "
               f"{'yes' if r['zero_outside_mask'] else 'NO'}")
     m = rep["metrics"]
     if m:
@@ -528,6 +531,35 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(rep, indent=2))
     else:
         _print_inspect(rep)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- export
+def run_export(args: argparse.Namespace) -> int:
+    """``deprune export PATH --format onnx|openvino``. Returns the exit status."""
+    import torch
+
+    from ..accel import EXPORT_FORMATS, export
+    from ..tp_glue.serialization import load, saved_input_shape
+
+    if not os.path.isfile(args.path):
+        _fail(f"no such file: {args.path!r}")
+    out = args.out or os.path.splitext(args.path)[0] + EXPORT_FORMATS[args.format][0]
+    if not out.endswith(EXPORT_FORMATS[args.format][0]):
+        _fail(f"--out {out!r}: a {args.format} file must end in {EXPORT_FORMATS[args.format][0]!r}")
+    _check_writable(out, "--out")
+    try:
+        model = load(args.path, trusted=args.trusted)
+        shape = saved_input_shape(args.path, trusted=args.trusted) or [1, 3, 224, 224]
+    except Exception as e:  # noqa: BLE001 - corrupt / foreign / untrusted files are input problems
+        _fail(f"cannot load {args.path!r}: {type(e).__name__}: {_one_line(e)}")
+    if args.input_size:
+        shape[-2:] = [args.input_size, args.input_size]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *shape[1:], generator=g)
+    export(model, out, format=args.format, example_inputs=x, check=not args.no_check)
+    print(f"wrote {out}" + ("" if args.no_check else f" (checked against the model at {'x'.join(map(str, x.shape))} "
+                                                     "and another batch/size)"))
     return 0
 
 

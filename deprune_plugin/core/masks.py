@@ -7,8 +7,9 @@ its weight) with these additions:
   ``state_dict``, ``torch.save``, ``copy.deepcopy``, ``.to(device/dtype)`` and DDP buffer broadcast;
 - a **gradient hook** on the weight ``Parameter`` (``Tensor.register_hook``) that zeroes the gradient of
   pruned taps before it reaches ``.grad``. Pruned taps are exactly 0 when the mask is attached; with zero
-  weight and zero gradient, SGD (momentum, weight decay), Adam and AdamW (incl. decoupled decay, which
-  multiplies 0) leave them exactly 0. DDP all-reduces the already masked gradient. A weight used twice in
+  weight, zero gradient and zero optimizer state there, SGD (momentum, weight decay), Adam and AdamW (incl.
+  decoupled decay, which multiplies 0) leave them exactly 0 (state left over from before pruning: see the
+  optimizer post-hook below). DDP all-reduces the already masked gradient. A weight used twice in
   one graph (a DW conv called twice, two forwards then one backward) gets one hook call on its summed
   gradient. The hook is registered when the mask is attached;
 - a forward pre-hook that **only checks** (never writes the weight): when autograd is on and the weight
@@ -21,7 +22,18 @@ its weight) with these additions:
   pruned model cannot revive taps) and re-hooks a replaced ``Parameter``;
 - a ``state_dict`` pre-hook that zeroes pruned taps that are not zero (only then: an unneeded in-place
   write would bump the weight's version between a forward and its backward), so saved files and
-  ``timm`` EMA copies (``ModelEmaV2``/``V3`` read ``state_dict``) always hold exact zeros.
+  ``timm`` EMA copies (``ModelEmaV2``/``V3`` read ``state_dict``) always hold exact zeros;
+- one **global optimizer step post-hook** (``torch.optim.optimizer.register_optimizer_step_post_hook``,
+  installed once, when the first mask is attached) for an optimizer created *before* pruning: its momentum
+  buffer / Adam moments are non-zero at taps that were pruned later, so with a zero gradient its next
+  ``step()`` still moves them. After every ``step()`` of any ``torch.optim.Optimizer`` the hook looks each
+  stepped parameter up in a weak registry (parameter -> its masked conv, filled where the gradient hook is
+  registered; one dict lookup per parameter, nothing else for unmasked ones) and, for a masked DW weight,
+  zeroes its pruned taps and the entries of its per-element optimizer state (``momentum_buffer``,
+  ``exp_avg``, ``exp_avg_sq``, ... : every state tensor shaped like the weight), so they stop pushing. The
+  write is unconditional (``masked_fill_``): checking "any non-zero?" first would cost a device-to-host
+  sync per layer and step and break CUDA-graph capture of the step; the step has already bumped the
+  weight's version, so the write changes nothing for autograd. It runs after the step, never in forward.
 
 ``torch.func.functional_call(model, params, x)`` runs the given tensors as they are: nothing is written
 into the caller's tensors and no hook is added to them (only ``Parameter`` objects of the model are hooked).
@@ -34,11 +46,12 @@ DEPruner itself slices masks with the removed indices.
 Limits (what the hooks cannot see):
 
 - a weight written by hand (``conv.weight.data.copy_(...)``, ``nn.init``, ``p.add_(noise)``) can make
-  pruned taps non-zero; they are zeroed again at the next ``state_dict()``/``load_state_dict()``, or call
-  :func:`apply_tap_masks_` yourself;
-- an optimizer or a gradient transform that writes ``.grad`` outside autograd (``p.grad += noise``,
-  SAM-style perturbations, an optimizer whose update is non-zero for a zero gradient) bypasses the hook:
-  call :func:`apply_tap_masks_` after its step;
+  pruned taps non-zero; they are zeroed again at the next optimizer step (if the weight is in that
+  optimizer), ``state_dict()`` or ``load_state_dict()``, or call :func:`apply_tap_masks_` yourself;
+- a gradient transform that writes ``.grad`` outside autograd (``p.grad += noise``, SAM-style
+  perturbations) bypasses the gradient hook; a ``torch.optim.Optimizer`` step re-masks it (post-hook
+  above), an update applied by other means (not a ``torch.optim.Optimizer``, or a hand-written
+  ``p -= lr * g``) does not: call :func:`apply_tap_masks_` after it;
 - code that calls ``conv.forward`` / ``F.conv2d(x, conv.weight)`` directly on a replaced ``Parameter``
   skips the pre-hook, so that ``Parameter`` is not re-hooked until the module is called once.
 """
@@ -50,17 +63,22 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
 MASK_BUFFER = "dw_tap_mask"
 
-# Parameters whose gradient is already masked, by id with a weak reference to tell a reused id apart
-# (a WeakSet would compare tensors with ==).
-_GRAD_HOOKED: dict[int, "weakref.ref[torch.Tensor]"] = {}
+# Masked DW weights: id(Parameter) -> (weak ref to it, weak ref to its conv). An entry means the
+# Parameter's gradient is masked; the optimizer post-hook reads it to find masked weights in one lookup.
+# Keyed by id with a weak reference to tell a reused id apart (a WeakKeyDictionary would compare tensors
+# with ==); weak both ways so the registry keeps neither the model nor an optimizer's tensors alive.
+_MASKED_PARAMS: dict[int, tuple["weakref.ref[torch.Tensor]", "weakref.ref[nn.Module]"]] = {}
+_STEP_HOOK: RemovableHandle | None = None  # the global optimizer step post-hook, installed once
 
 
 def _grad_hooked(w: torch.Tensor) -> bool:
-    ref = _GRAD_HOOKED.get(id(w))
-    return ref is not None and ref() is w
+    entry = _MASKED_PARAMS.get(id(w))
+    return entry is not None and entry[0]() is w
 
 
 def is_depthwise(module: nn.Module) -> bool:
@@ -90,9 +108,38 @@ def _hook_grad(module: nn.Module) -> None:
     """Mask the gradient of ``module.weight`` (once per ``Parameter`` object)."""
     w = module.weight
     if isinstance(w, nn.Parameter) and w.requires_grad and not _grad_hooked(w):
-        w.register_hook(partial(_mask_grad, weakref.ref(module)))
+        module_ref = weakref.ref(module)
+        w.register_hook(partial(_mask_grad, module_ref))
         key = id(w)
-        _GRAD_HOOKED[key] = weakref.ref(w, lambda _r, key=key: _GRAD_HOOKED.pop(key, None))
+        _MASKED_PARAMS[key] = (weakref.ref(w, lambda _r, key=key: _MASKED_PARAMS.pop(key, None)), module_ref)
+
+
+@torch.no_grad()
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Global optimizer step post-hook: re-zero pruned taps and their optimizer state (module doc)."""
+    if not _MASKED_PARAMS:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            entry = _MASKED_PARAMS.get(id(p))
+            if entry is None or entry[0]() is not p:
+                continue
+            module = entry[1]()
+            mask = None if module is None else tap_mask(module)
+            # a Parameter the conv no longer uses (replaced by channel removal) is not computed with
+            if mask is None or module.weight is not p or mask.shape != p.shape:
+                continue
+            pruned = ~mask
+            p.masked_fill_(pruned, 0)
+            for value in optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape:
+                    value.masked_fill_(pruned if value.device == pruned.device else pruned.to(value.device), 0)
+
+
+def _install_step_hook() -> None:
+    global _STEP_HOOK
+    if _STEP_HOOK is None:
+        _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def sync_tap_mask(conv: nn.Module) -> None:
@@ -155,7 +202,8 @@ _HOOKS = ("_forward_pre_hooks", _pre_forward), ("_state_dict_pre_hooks", _pre_st
 
 
 def attach_tap_mask(conv: nn.Conv2d, keep: torch.Tensor) -> None:
-    """Install (or replace) the keep mask of a DW conv, zero its pruned taps and mask its gradient.
+    """Install (or replace) the keep mask of a DW conv, zero its pruned taps and mask its gradient (and,
+    once per process, install the optimizer step post-hook that re-zeroes them after every step).
 
     Args:
         conv: a depth-wise ``nn.Conv2d``.
@@ -174,6 +222,7 @@ def attach_tap_mask(conv: nn.Conv2d, keep: torch.Tensor) -> None:
         conv.register_load_state_dict_post_hook(_post_load)
     apply_tap_mask_(conv)
     _hook_grad(conv)
+    _install_step_hook()
 
 
 def slice_tap_mask(conv: nn.Module, removed: Sequence[int]) -> None:

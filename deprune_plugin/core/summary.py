@@ -27,8 +27,9 @@ class LayerRow:
     pw_names: list[str] = field(default_factory=list)
 
 
-def _kept_str(kept: list[int]) -> str:
-    """Run-length form: ``[64, 64, 64, 32]`` -> ``"64x3,32"``."""
+def kept_str(kept: list[int]) -> str:
+    """Run-length form of per-range kept counts: ``[64, 64, 64, 32]`` -> ``"64x3,32"`` (the prune table
+    and ``deprune inspect`` both print it)."""
     parts, i = [], 0
     while i < len(kept):
         j = i
@@ -88,7 +89,7 @@ class Summary:
         for r in self.rows:
             pw = f"{r.pw_before:>7} -> {r.pw_after:<6}" if r.pw_names else f"{'-':>17}"  # no PW-conv2 known
             lines.append(f"{r.name[-34:]:<34} {r.kernel[0]}x{r.kernel[1]:<3} {r.channels:>5} "
-                         f"{r.target_ratio:>7.2%} {r.real_ratio:>7.2%} {r.hsr:>3}  {_kept_str(r.kept_per_range):<18} "
+                         f"{r.target_ratio:>7.2%} {r.real_ratio:>7.2%} {r.hsr:>3}  {kept_str(r.kept_per_range):<18} "
                          f"{pw}")
         lines.append("-" * len(head))
         lines.append(f"variant {self.variant}: DW ratio {self.dw_ratio:.2%}, DW HSR {self.dw_hsr_pattern}, "

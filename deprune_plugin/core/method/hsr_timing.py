@@ -5,25 +5,18 @@ import math
 
 import torch
 
+from ..timing import interleaved_medians
 
-def _time_bmm(a: torch.Tensor, b: torch.Tensor, reps: int = 20) -> float:
-    for _ in range(3):
-        torch.bmm(a, b)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        torch.bmm(a, b)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+_REPS, _WARMUP = 20, 3
 
 
 def measured_alpha(kept: int, tile: int, group_size: int, channels: int, out_hw: tuple[int, int],
                    batch: int = 32) -> float:
     """``t(K') / t(tile * floor(K'/tile)) - 1`` for the layer's ``ceil(C/group_size)`` sub-GEMMs
-    (``group_size x K'`` times ``K' x P``, fp16, ``P = batch * Ho * Wo``)."""
+    (``group_size x K'`` times ``K' x P``, fp16, ``P = batch * Ho * Wo``).
+
+    Timed with the package's one timer (:mod:`deprune_plugin.core.timing`): CUDA device time (kernel
+    time, free of launch overhead), the two shapes interleaved so drift hits both alike, medians."""
     aligned = tile * (kept // tile)
     if aligned == 0:
         return math.inf
@@ -31,9 +24,11 @@ def measured_alpha(kept: int, tile: int, group_size: int, channels: int, out_hw:
     p = batch * out_hw[0] * out_hw[1]
     dev = torch.device("cuda")
 
-    def t(k: int) -> float:
+    def bmm_at(k: int):
         a = torch.randn(groups, group_size, k, device=dev, dtype=torch.float16)
         b = torch.randn(groups, k, p, device=dev, dtype=torch.float16)
-        return _time_bmm(a, b)
+        return lambda: torch.bmm(a, b)
 
-    return max(t(kept) / t(aligned) - 1.0, 0.0)
+    t = interleaved_medians({"kept": bmm_at(kept), "aligned": bmm_at(aligned)}, reps=_REPS, warmup=_WARMUP,
+                            device=dev, clock="device")
+    return max(t["kept"] / t["aligned"] - 1.0, 0.0)
