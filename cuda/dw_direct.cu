@@ -6,6 +6,9 @@
 // only visits its channel's kept taps, so the FMA and shared-memory work scales with the kept-tap count
 // while global traffic stays at the dense minimum (each input pixel loaded once per CTA tile + halo).
 // BatchNorm is folded into val/bias by the caller. Storage is fp32/fp16/bf16, accumulation always fp32.
+// PH / PW are the TOP / LEFT zero padding; the padding may be asymmetric (TensorFlow "SAME"): the bottom /
+// right padding only sets OH / OW, which the host computes (deprune_plugin/kernels/launch.py), and every
+// input read outside [0, H) x [0, W) is a zero.
 //
 // Specialisation (#defines prepended by deprune_plugin/kernels/sources.py; the defaults let nvcc
 // compile the file on its own):
@@ -43,7 +46,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) deprune_dw_direct(
     const float* __restrict__ tap_val,     // [nnz]
     const float* __restrict__ bias,        // [C] or nullptr
     int N, int C, int H, int W, int OH, int OW, int KH, int KW,
-    int SH, int SW, int PH, int PW, int DH, int DW,
+    int SH, int SW, int PH, int PW, int DH, int DW,  // PH, PW: top and left padding
     int tile_h, int tile_w,                // output tile of one CTA (see the launch geometry above)
     int act) {
     const int tiles_w = (OW + tile_w - 1) / tile_w;

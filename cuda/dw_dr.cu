@@ -9,6 +9,8 @@
 //   W_g[c, j] = col_val[j] if col_chan[j] == c else 0      (a dense GS x KTILE smem tile, zeros included,
 //                                                          exactly like the paper's DR sub-GEMM)
 //   X_g[j, p] = x[n, col_chan[j], oy*SH - PH + i_j*DH, ox*SW - PW + j_j*DW]   (im2col on the fly, tap = i*KW + j)
+// PH / PW are the TOP / LEFT zero padding; the padding may be asymmetric (TensorFlow "SAME"): the bottom /
+// right padding only sets OH / OW, computed on the host, and every read outside the image is a zero.
 // Storage fp32/fp16/bf16, accumulation fp32, BN folded into col_val / bias by the caller.
 // As in any dense DR GEMM, the explicit zeros of W_g multiply the other channels' inputs, so a non-finite
 // input (inf/nan) makes every output of its range nan (0 * inf); the direct kernel has no such coupling.
@@ -61,7 +63,8 @@ extern "C" __global__ void __launch_bounds__(DR_THREADS, 2) deprune_dw_dr(
     const float* __restrict__ col_val,     // [ncols] 0 for padding columns
     const float* __restrict__ bias,        // [C] or nullptr
     int N, int C, int H, int W, int OH, int OW, int KH, int KW,
-    int SH, int SW, int PH, int PW, int DH, int DW, int act) {
+    int SH, int SW, int PH, int PW, int DH, int DW,  // PH, PW: top and left padding
+    int act) {
     // W_g tile [KTILE][GSP]: row index fastest so the per-thread row reads of the NHWC mapping are
     // consecutive. X_g tile [KTILE][DR_PT + 1]: the +1 keeps the column-major fill of the NHWC path
     // conflict-free (stride 65 words hits 32 different banks).

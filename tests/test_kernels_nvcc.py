@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib
 import os
 import re
 import shutil
@@ -19,30 +20,28 @@ import pytest
 import torch
 
 from deprune_plugin.kernels.cupy_launch import NVRTC_OPTIONS, nvrtc_include_dirs
-from deprune_plugin.kernels.dw_direct import PIX_PER_THREAD, ROWS_PER_THREAD
-from deprune_plugin.kernels.dw_dr import POSITIONS_PER_THREAD
-from deprune_plugin.kernels.sources import EMULATION_HEADER, KernelSource, cuda_dir, scalar_define, specialize
+from deprune_plugin.kernels.dw_direct import dw_direct_defines
+from deprune_plugin.kernels.dw_dr import dw_dr_defines
+from deprune_plugin.kernels.sources import EMULATION_HEADER, KernelSource, cuda_dir, specialize
 
 NVCC = shutil.which("nvcc")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ARCHS = ("80", "90")
+DR_VARIANTS = [(32, 32)]                     # (group_size, tile) for every dtype and layout: the default
+DR_EXTRA = [(torch.float32, True, 64, 16)]   # (dtype, nhwc, group_size, tile): one more group/tile variant
 
 
 def _specialisations() -> list[tuple[str, KernelSource]]:
-    """(entry, source) pairs as the launchers build them: kernel x dtype x layout, plus a DR group/tile
-    variant."""
+    """(entry, source) pairs built from the launchers' own define sets (:func:`dw_direct_defines`,
+    :func:`dw_dr_defines`): kernel x dtype x layout, plus a DR group/tile variant."""
     out = []
     for dtype in DTYPES:
-        for nhwc in (0, 1):
-            out.append(("deprune_dw_direct", specialize("dw_direct.cu", {
-                "DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_LAYOUT_NHWC": nhwc,
-                "DEPRUNE_ROWS": ROWS_PER_THREAD, "DEPRUNE_PIX": PIX_PER_THREAD})))
-            out.append(("deprune_dw_dr", specialize("dw_dr.cu", {
-                "DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_LAYOUT_NHWC": nhwc, "DEPRUNE_GROUP_SIZE": 32,
-                "DEPRUNE_KTILE": 32, "DEPRUNE_DR_PN": POSITIONS_PER_THREAD})))
-    out.append(("deprune_dw_dr", specialize("dw_dr.cu", {
-        "DEPRUNE_SCALAR": "float", "DEPRUNE_LAYOUT_NHWC": 1, "DEPRUNE_GROUP_SIZE": 64, "DEPRUNE_KTILE": 16,
-        "DEPRUNE_DR_PN": POSITIONS_PER_THREAD})))
+        for nhwc in (False, True):
+            out.append(("deprune_dw_direct", specialize("dw_direct.cu", dw_direct_defines(dtype, nhwc))))
+            out += [("deprune_dw_dr", specialize("dw_dr.cu", dw_dr_defines(dtype, nhwc, gs, tile)))
+                    for gs, tile in DR_VARIANTS]
+    out += [("deprune_dw_dr", specialize("dw_dr.cu", dw_dr_defines(dtype, nhwc, gs, tile)))
+            for dtype, nhwc, gs, tile in DR_EXTRA]
     return out
 
 
@@ -60,6 +59,46 @@ SPECS = _specialisations()
 def test_every_cu_file_is_covered():
     names = {Path(p).name for p in glob.glob(str(cuda_dir() / "*.cu"))}
     assert names == {src.name for _, src in SPECS}
+
+
+def _launched_sources(monkeypatch) -> set[tuple[str, tuple[tuple[str, str], ...], str]]:
+    """``(entry, defines, source hash)`` of what the launchers hand to the emulation's compile-and-run step,
+    for every dtype x layout (+ the DR_EXTRA variants). The step is replaced by a recorder: nothing is
+    built, so this runs in milliseconds."""
+    from deprune_plugin.kernels import dw_direct, dw_dr, emulation
+    from deprune_plugin.kernels.formats import CompactTaps, DRColumns
+
+    seen = set()
+    monkeypatch.setattr(emulation, "launch",
+                        lambda src, entry, *args: seen.add((entry, src.defines, src.hash)))
+    weight = torch.randn(40, 1, 3, 3)
+    runs = [(dtype, nhwc, gs, tile) for dtype in DTYPES for nhwc in (False, True) for gs, tile in DR_VARIANTS]
+    for dtype, nhwc, gs, tile in runs + DR_EXTRA:
+        x = torch.randn(2, 40, 9, 10).to(dtype)
+        if nhwc:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dw_direct(x, CompactTaps.from_dense(weight), None, padding=1, backend="emu")
+        dw_dr(x, DRColumns.from_dense(weight, group_size=gs, tile=tile), None, padding=1, backend="emu")
+    return seen
+
+
+def test_the_compiled_specialisations_are_exactly_what_the_launchers_use(monkeypatch):
+    """Before, this file retyped the launchers' #define sets by hand; now both come from dw_*_defines. A
+    launcher that compiled other defines than it reports (or the list here drifting) fails this test."""
+    launched = _launched_sources(monkeypatch)
+    listed = {(entry, src.defines, src.hash) for entry, src in SPECS}
+    direct = {s for s in launched if s[0] == "deprune_dw_direct"}
+    assert len(direct) == 2 * len(DTYPES)  # one specialisation per dtype and layout, nothing per shape
+    assert launched == listed
+
+
+def test_the_define_record_catches_a_launcher_that_drifts(monkeypatch):
+    """The comparison above can fail: a launcher compiling one define more than dw_direct_defines says."""
+    direct_mod = importlib.import_module("deprune_plugin.kernels.dw_direct")
+    real = direct_mod.dw_direct_defines
+    monkeypatch.setattr(direct_mod, "dw_direct_defines", lambda *a: {**real(*a), "DEPRUNE_ROWS": 2})
+    launched = _launched_sources(monkeypatch)
+    assert launched != {(entry, src.defines, src.hash) for entry, src in SPECS}
 
 
 @pytest.mark.nvcc

@@ -9,6 +9,10 @@
   and graph capture) through a cached ``cupy.cuda.ExternalStream``.
 - CuPy is imported lazily: this module imports (and :func:`cupy_available` answers) without it.
 
+- Dynamic shared memory above the default 48 KB is opted in per kernel inside the tensor's device
+  context, up to that device's opt-in maximum (:func:`max_dynamic_smem`: 64 KB on sm_75, 99 KB on
+  sm_86/89, 163 KB on sm_80, 227 KB on sm_90), read once per device.
+
 Capture rule: call every variant once before ``torch.cuda.graph`` capture (compiling/loading a module
 during capture is not allowed).
 """
@@ -25,11 +29,15 @@ import torch
 
 from .sources import KernelArg, KernelSource
 
-__all__ = ["cupy_available", "launch", "nvrtc_include_dirs", "NVRTC_OPTIONS"]
+__all__ = ["DEFAULT_SMEM_LIMIT", "cupy_available", "launch", "max_dynamic_smem", "nvrtc_include_dirs",
+           "NVRTC_OPTIONS"]
 
 #: NVRTC options for every module (plus ``-I`` for the CUDA headers, see :func:`nvrtc_include_dirs`).
 NVRTC_OPTIONS: tuple[str, ...] = ("-std=c++17",)
-_MAX_DEFAULT_SMEM = 48 * 1024  # above this a kernel must opt in to dynamic shared memory
+#: Shared memory per block without opt-in (every architecture); above it a kernel must opt in.
+DEFAULT_SMEM_LIMIT = 48 * 1024
+_ATTR_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin, if this CuPy does not name it
+_SMEM_OPTIN: dict[int, int] = {}
 
 _KERNELS: dict[tuple[str, tuple[tuple[str, str], ...], int, str], Any] = {}
 _STREAMS: dict[tuple[int, int], Any] = {}
@@ -108,6 +116,22 @@ def _kernel(src: KernelSource, entry: str, device_index: int):
     return kernel
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def max_dynamic_smem(device: torch.device | int) -> int:
+    """The opt-in maximum of shared memory per block of a CUDA device (``cudaDevAttrMaxSharedMemoryPerBlockOptin``),
+    read through CuPy once per device and cached."""
+    index = device if isinstance(device, int) else _device_index(device)
+    limit = _SMEM_OPTIN.get(index)
+    if limit is None:
+        runtime = _import_cupy().cuda.runtime
+        attr = getattr(runtime, "cudaDevAttrMaxSharedMemoryPerBlockOptin", _ATTR_SMEM_OPTIN)
+        limit = _SMEM_OPTIN[index] = int(runtime.deviceGetAttribute(attr, index))
+    return limit
+
+
 def _external_stream(device_index: int):
     cupy = _import_cupy()
     ptr = torch.cuda.current_stream(device_index).cuda_stream
@@ -127,13 +151,22 @@ def _marshal(args: Sequence[KernelArg]) -> tuple:
 
 def launch(src: KernelSource, entry: str, grid: tuple[int, int, int], block: tuple[int, int, int],
            smem_bytes: int, args: Sequence[KernelArg], device: torch.device) -> None:
-    """Launch ``entry<<<grid, block, smem_bytes>>>(args)`` on ``device``'s current torch stream (async)."""
+    """Launch ``entry<<<grid, block, smem_bytes>>>(args)`` on ``device``'s current torch stream (async).
+
+    Dynamic shared memory above :data:`DEFAULT_SMEM_LIMIT` is opted in for the kernel inside ``device``'s
+    context; more than the device's :func:`max_dynamic_smem` is a ValueError (nothing is launched)."""
     if device.type != "cuda":
         raise ValueError(f"the cupy backend needs CUDA tensors, got device {device}")
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     cupy = _import_cupy()
     kernel = _kernel(src, entry, index)
-    if smem_bytes > _MAX_DEFAULT_SMEM and kernel.max_dynamic_shared_size_bytes < smem_bytes:
-        kernel.max_dynamic_shared_size_bytes = int(smem_bytes)
-    with cupy.cuda.Device(index), _external_stream(index):
-        kernel(tuple(grid), tuple(block), _marshal(args), shared_mem=int(smem_bytes))
+    with cupy.cuda.Device(index):
+        if smem_bytes > DEFAULT_SMEM_LIMIT:
+            limit = max_dynamic_smem(index)
+            if smem_bytes > limit:
+                raise ValueError(f"{entry} asks for {smem_bytes} bytes of dynamic shared memory; device {index} "
+                                 f"allows {limit}")
+            if kernel.max_dynamic_shared_size_bytes < smem_bytes:
+                kernel.max_dynamic_shared_size_bytes = int(smem_bytes)
+        with _external_stream(index):
+            kernel(tuple(grid), tuple(block), _marshal(args), shared_mem=int(smem_bytes))

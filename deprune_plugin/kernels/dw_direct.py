@@ -2,66 +2,81 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from .formats import CompactTaps
-from .launch import MAX_GRID_YZ, ConvGeometry, prepare_conv, run_kernel
+from .launch import DEFAULT_SMEM_LIMIT, MAX_GRID_YZ, ConvGeometry, dynamic_smem_limit, prepare_conv, run_kernel
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
-__all__ = ["dw_direct", "ROWS_PER_THREAD", "PIX_PER_THREAD"]
+__all__ = ["dw_direct", "dw_direct_defines", "plan_tile", "ROWS_PER_THREAD", "PIX_PER_THREAD"]
 
-_SMEM_DEFAULT = 48 * 1024  # no opt-in needed below this
-_SMEM_MAX = 99 * 1024      # opt-in dynamic smem available on every sm_80+ part (sm_86/89: 99 KB)
 ROWS_PER_THREAD = 4        # DEPRUNE_ROWS: NCHW outputs per thread along H
 PIX_PER_THREAD = 4         # DEPRUNE_PIX: NHWC output pixels per thread
+_MIN_BLOCK_X = 8           # narrowest block along x (output columns in NCHW, channels in NHWC)
+
+
+def dw_direct_defines(dtype: torch.dtype, nhwc: bool) -> dict[str, object]:
+    """The ``#define`` set :func:`dw_direct` specialises ``cuda/dw_direct.cu`` with, for inputs of ``dtype``
+    in NCHW (``nhwc=False``) or channels_last (``nhwc=True``)."""
+    return {"DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_LAYOUT_NHWC": int(nhwc),
+            "DEPRUNE_ROWS": ROWS_PER_THREAD, "DEPRUNE_PIX": PIX_PER_THREAD}
 
 
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (int(v) - 1).bit_length())
 
 
-def _plan_nchw(g: ConvGeometry) -> tuple[tuple[int, int, int], int, int, int]:
-    """Block, tile_h, tile_w and dynamic smem bytes of the NCHW variant: the largest tile (up to 256
-    threads, shrunk for small planes) whose fp32 halo tile fits the default 48 KB, else the opt-in limit."""
-    bx = 32 if g.ow > 16 else 16 if g.ow > 8 else 8
-    by = min(256 // bx, _next_pow2(math.ceil(g.oh / ROWS_PER_THREAD)))
-    taps = g.kh * g.kw
-    while True:
-        in_h, in_w = g.input_window(by * ROWS_PER_THREAD, bx)
-        smem = 4 * (2 * taps + in_h * in_w)
-        if smem <= _SMEM_DEFAULT or (by == 1 and bx == 8):
-            break
+def _shrink_to_fit(g: ConvGeometry, by: int, bx: int, smem_of: Callable[[int, int], int],
+                   limit: int) -> tuple[int, int, int]:
+    """Halve the block's y extent (down to 1), then its x extent (down to 8), until ``smem_of(by, bx)`` fits
+    the default 48 KB (no opt-in; ``limit`` if lower). Only the smallest block may use more, up to ``limit``.
+    Returns ``(by, bx, smem bytes)``; ValueError if even the smallest block needs more than ``limit``."""
+    target = min(DEFAULT_SMEM_LIMIT, limit)
+    smem = smem_of(by, bx)
+    while smem > target and (by > 1 or bx > _MIN_BLOCK_X):
         if by > 1:
             by //= 2
         else:
             bx //= 2
-    if smem > _SMEM_MAX:
-        raise ValueError(f"kernel window {g.kh}x{g.kw} with dilation {(g.dh, g.dw)} needs {smem} bytes of "
-                         f"shared memory, more than {_SMEM_MAX}")
+        smem = smem_of(by, bx)
+    if smem > limit:
+        layout = " in channels_last" if g.nhwc else ""
+        raise ValueError(f"kernel window {g.kh}x{g.kw} with dilation {(g.dh, g.dw)} needs {smem} bytes of shared "
+                         f"memory{layout}, more than the {limit} the device allows")
+    return by, bx, smem
+
+
+def _nhwc_tile(g: ConvGeometry, py: int) -> tuple[int, int]:
+    """``(tile_h, tile_w)`` of an NHWC block of ``py`` pixel groups: as wide as the output, then rows."""
+    pixels = py * PIX_PER_THREAD
+    tile_w = min(_next_pow2(g.ow), pixels)
+    return pixels // tile_w, tile_w
+
+
+def plan_tile(g: ConvGeometry, smem_limit: int = DEFAULT_SMEM_LIMIT
+              ) -> tuple[tuple[int, int, int], int, int, int]:
+    """Launch plan ``(block, tile_h, tile_w, dynamic smem bytes)`` of ``deprune_dw_direct`` for ``g``: the
+    largest block (up to 256 threads, fewer for small outputs) whose fp32 input tile with halo fits the
+    default 48 KB; a window so large that even the smallest block needs more may use up to ``smem_limit``
+    (the device's opt-in maximum, see :func:`.launch.dynamic_smem_limit`; default 48 KB: no device known).
+
+    NCHW: block ``(tile_w, tile_h / ROWS_PER_THREAD)``; smem = tap values and offsets + the input tile.
+    NHWC: block ``(channels, tile_h * tile_w / PIX_PER_THREAD)``; smem = the input tile x channels.
+    """
+    if g.nhwc:
+        cb = 32 if g.c > 16 else 16 if g.c > 8 else 8
+        py = min(256 // cb, _next_pow2(math.ceil(g.oh * g.ow / PIX_PER_THREAD)))
+        py, cb, smem = _shrink_to_fit(
+            g, py, cb, lambda py, cb: 4 * cb * math.prod(g.input_window(*_nhwc_tile(g, py))), smem_limit)
+        return (cb, py, 1), *_nhwc_tile(g, py), smem
+    bx = 32 if g.ow > 16 else 16 if g.ow > 8 else 8
+    by = min(256 // bx, _next_pow2(math.ceil(g.oh / ROWS_PER_THREAD)))
+    by, bx, smem = _shrink_to_fit(
+        g, by, bx, lambda by, bx: 4 * (2 * g.kh * g.kw + math.prod(g.input_window(by * ROWS_PER_THREAD, bx))),
+        smem_limit)
     return (bx, by, 1), by * ROWS_PER_THREAD, bx, smem
-
-
-def _plan_nhwc(g: ConvGeometry) -> tuple[tuple[int, int, int], int, int, int]:
-    """Block (channels, pixel groups), tile_h, tile_w and smem bytes of the NHWC variant."""
-    cb = 32 if g.c > 16 else 16 if g.c > 8 else 8
-    py = min(256 // cb, _next_pow2(math.ceil(g.oh * g.ow / PIX_PER_THREAD)))
-    while True:
-        pixels = py * PIX_PER_THREAD
-        tile_w = min(_next_pow2(g.ow), pixels)
-        tile_h = pixels // tile_w
-        in_h, in_w = g.input_window(tile_h, tile_w)
-        smem = 4 * in_h * in_w * cb
-        if smem <= _SMEM_DEFAULT or (py == 1 and cb == 8):
-            break
-        if py > 1:
-            py //= 2
-        else:
-            cb //= 2
-    if smem > _SMEM_MAX:
-        raise ValueError(f"kernel window {g.kh}x{g.kw} with dilation {(g.dh, g.dw)} needs {smem} bytes of "
-                         f"shared memory in channels_last, more than {_SMEM_MAX}")
-    return (cb, py, 1), tile_h, tile_w, smem
 
 
 def dw_direct(x: torch.Tensor, taps: CompactTaps, bias: torch.Tensor | None, *, stride=(1, 1), padding=(0, 0),
@@ -70,12 +85,9 @@ def dw_direct(x: torch.Tensor, taps: CompactTaps, bias: torch.Tensor | None, *, 
     ``act(F.conv2d(x, taps.to_dense(), bias, stride, padding, dilation, groups=C))``.
 
     Args:
-        x: ``[N, C, H, W]`` float32/float16/bfloat16, NCHW-contiguous or channels_last.
         taps: kept taps of the ``[C, 1, kh, kw]`` weight (BN folded), on ``x``'s device.
-        bias: ``[C]`` (float32 or ``x.dtype``) or None.
-        stride, padding, dilation: int or ``(h, w)`` pairs.
-        act: ``"identity"``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"`` or ``"gelu"`` (exact erf).
-        backend: ``"cupy"`` (x on CUDA, async on the current stream) or ``"emu"`` (x on CPU, host emulation).
+        x, bias, stride, padding, dilation, act, backend: as in :func:`.launch.prepare_conv` (``padding`` an int,
+            ``(h, w)`` or ``(top, bottom, left, right)``; ``act`` a key of :data:`.activations.ACTIVATIONS`).
 
     Returns:
         ``[N, C, OH, OW]`` in ``x``'s dtype and memory format (fp32 accumulation).
@@ -88,21 +100,12 @@ def dw_direct(x: torch.Tensor, taps: CompactTaps, bias: torch.Tensor | None, *, 
         padding=padding, dilation=dilation, act=act, backend=backend)
     if g.n == 0:
         return y
-    if g.nhwc:
-        block, tile_h, tile_w, smem = _plan_nhwc(g)
-        grid_y = math.ceil(g.c / block[0])
-    else:
-        block, tile_h, tile_w, smem = _plan_nchw(g)
-        grid_y = g.c
+    block, tile_h, tile_w, smem = plan_tile(g, dynamic_smem_limit(backend, x.device))
+    grid_y = math.ceil(g.c / block[0]) if g.nhwc else g.c
     if grid_y > MAX_GRID_YZ:
         raise ValueError(f"{g.c} channels exceed the launch grid limit ({MAX_GRID_YZ} CTAs along y)")
     grid = (math.ceil(g.oh / tile_h) * math.ceil(g.ow / tile_w), grid_y, g.n)
-    src = specialize("dw_direct.cu", {
-        "DEPRUNE_SCALAR": scalar_define(x.dtype),
-        "DEPRUNE_LAYOUT_NHWC": int(g.nhwc),
-        "DEPRUNE_ROWS": ROWS_PER_THREAD,
-        "DEPRUNE_PIX": PIX_PER_THREAD,
-    })
+    src = specialize("dw_direct.cu", dw_direct_defines(x.dtype, g.nhwc))
     args = [arg_ptr(x), arg_ptr(y), arg_ptr(taps.tap_ptr), arg_ptr(taps.tap_idx), arg_ptr(taps.tap_val),
             arg_ptr(bias), *g.kernel_args(), arg_i32(tile_h), arg_i32(tile_w), arg_i32(act_code)]
     run_kernel(backend, src, "deprune_dw_direct", grid, block, smem, args, x.device)

@@ -9,12 +9,19 @@ from .formats import DRColumns
 from .launch import MAX_GRID_YZ, prepare_conv, run_kernel
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
-__all__ = ["dw_dr", "dr_static_smem_bytes"]
+__all__ = ["dw_dr", "dw_dr_defines", "dr_static_smem_bytes"]
 
 _THREADS_PER_AXIS = 16      # DR_T in cuda/dw_dr.cu: the CTA is 16 x 16 threads
 POSITIONS_PER_THREAD = 4    # DEPRUNE_DR_PN: a CTA covers 16 * 4 = 64 output positions
 _STATIC_SMEM_LIMIT = 48 * 1024
 _MAX_GROUP_SIZE = 128       # DR_RM = group_size / 16 rows of accumulators per thread
+
+
+def dw_dr_defines(dtype: torch.dtype, nhwc: bool, group_size: int, tile: int) -> dict[str, object]:
+    """The ``#define`` set :func:`dw_dr` specialises ``cuda/dw_dr.cu`` with, for inputs of ``dtype`` in NCHW
+    (``nhwc=False``) or channels_last, and columns of ``group_size`` channels per range padded to ``tile``."""
+    return {"DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_LAYOUT_NHWC": int(nhwc),
+            "DEPRUNE_GROUP_SIZE": int(group_size), "DEPRUNE_KTILE": int(tile), "DEPRUNE_DR_PN": POSITIONS_PER_THREAD}
 
 
 def dr_static_smem_bytes(group_size: int, tile: int) -> int:
@@ -30,12 +37,9 @@ def dw_dr(x: torch.Tensor, cols: DRColumns, bias: torch.Tensor | None, *, stride
     ``act(F.conv2d(x, cols.to_dense(), bias, stride, padding, dilation, groups=C))``.
 
     Args:
-        x: ``[N, C, H, W]`` float32/float16/bfloat16, NCHW-contiguous or channels_last.
         cols: compacted DR columns of the ``[C, 1, kh, kw]`` weight (BN folded), on ``x``'s device.
-        bias: ``[C]`` (float32 or ``x.dtype``) or None.
-        stride, padding, dilation: int or ``(h, w)`` pairs.
-        act: ``"identity"``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"`` or ``"gelu"`` (exact erf).
-        backend: ``"cupy"`` (x on CUDA, async on the current stream) or ``"emu"`` (x on CPU, host emulation).
+        x, bias, stride, padding, dilation, act, backend: as in :func:`.launch.prepare_conv` (``padding`` an int,
+            ``(h, w)`` or ``(top, bottom, left, right)``; ``act`` a key of :data:`.activations.ACTIVATIONS`).
 
     Returns:
         ``[N, C, OH, OW]`` in ``x``'s dtype and memory format (fp32 accumulation).
@@ -63,13 +67,7 @@ def dw_dr(x: torch.Tensor, cols: DRColumns, bias: torch.Tensor | None, *, stride
     positions = _THREADS_PER_AXIS * POSITIONS_PER_THREAD
     grid = (math.ceil(g.oh * g.ow / positions), cols.num_ranges, g.n)
     block = (_THREADS_PER_AXIS, _THREADS_PER_AXIS, 1)
-    src = specialize("dw_dr.cu", {
-        "DEPRUNE_SCALAR": scalar_define(x.dtype),
-        "DEPRUNE_LAYOUT_NHWC": int(g.nhwc),
-        "DEPRUNE_GROUP_SIZE": cols.group_size,
-        "DEPRUNE_KTILE": cols.tile,
-        "DEPRUNE_DR_PN": POSITIONS_PER_THREAD,
-    })
+    src = specialize("dw_dr.cu", dw_dr_defines(x.dtype, g.nhwc, cols.group_size, cols.tile))
     args = [arg_ptr(x), arg_ptr(y), arg_ptr(cols.col_ptr), arg_ptr(cols.col_chan), arg_ptr(cols.col_tap),
             arg_ptr(cols.col_val), arg_ptr(bias), *g.kernel_args(), arg_i32(act_code)]
     run_kernel(backend, src, "deprune_dw_dr", grid, block, 0, args, x.device)

@@ -52,6 +52,11 @@ def _check_kernel_size(kernel_size: tuple[int, int]) -> tuple[int, int]:
     return int(kernel_size[0]), int(kernel_size[1])
 
 
+def _length(field: str, less: int, doc: str) -> property:
+    """Read-only property ``self.<field>.numel() - less`` (the counts both formats derive from their tensors)."""
+    return property(lambda self: getattr(self, field).numel() - less, doc=doc)
+
+
 def _check_index_tensor(name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != dtype:
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -114,15 +119,8 @@ class CompactTaps:
             kernel_size=(kh, kw),
         )
 
-    @property
-    def num_channels(self) -> int:
-        """C."""
-        return self.tap_ptr.numel() - 1
-
-    @property
-    def nnz(self) -> int:
-        """Number of kept taps over all channels."""
-        return self.tap_idx.numel()
+    num_channels = _length("tap_ptr", 1, "C.")
+    nnz = _length("tap_idx", 0, "Number of kept taps over all channels.")
 
     def to_dense(self) -> torch.Tensor:
         """The masked dense weight ``[C, 1, kh, kw]`` float32 (pruned taps are 0)."""
@@ -251,15 +249,8 @@ class DRColumns:
             num_channels=c,
         )
 
-    @property
-    def num_ranges(self) -> int:
-        """G = ceil(C / group_size)."""
-        return self.col_ptr.numel() - 1
-
-    @property
-    def num_columns(self) -> int:
-        """Total column count including padding."""
-        return self.col_chan.numel()
+    num_ranges = _length("col_ptr", 1, "G = ceil(C / group_size).")
+    num_columns = _length("col_chan", 0, "Total column count including padding.")
 
     def kept_per_range(self) -> list[int]:
         """K'_g of each range, before padding."""

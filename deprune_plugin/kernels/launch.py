@@ -3,6 +3,7 @@ switch between the GPU (CuPy) and the host emulation.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,17 +14,51 @@ from . import cupy_launch, emulation
 from .activations import ACTIVATIONS
 from .sources import KernelArg, KernelSource, arg_i32
 
-__all__ = ["KERNEL_BACKENDS", "ConvGeometry", "prepare_conv", "run_kernel", "MAX_GRID_YZ"]
+__all__ = ["KERNEL_BACKENDS", "ConvGeometry", "DEFAULT_SMEM_LIMIT", "conv_output_size", "conv_padding",
+           "dynamic_smem_limit", "prepare_conv", "run_kernel", "MAX_GRID_YZ"]
 
 #: Where a kernel runs: ``"cupy"`` (CUDA tensors, NVRTC through CuPy) or ``"emu"`` (CPU tensors, host emulation).
 KERNEL_BACKENDS = ("cupy", "emu")
 MAX_GRID_YZ = 65535
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_SMEM_LIMIT = cupy_launch.DEFAULT_SMEM_LIMIT
+
+
+def conv_padding(padding) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` zero padding from an int (all four sides), an ``(h, w)`` pair
+    (symmetric: ``(h, h, w, w)``) or a ``(top, bottom, left, right)`` 4-tuple (e.g. TensorFlow "SAME")."""
+    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
+        vals: tuple = (padding,) * 4
+    else:
+        try:
+            vals = tuple(padding)
+        except TypeError:
+            vals = ()
+        if len(vals) == 2:
+            vals = (vals[0], vals[0], vals[1], vals[1])
+    if len(vals) != 4 or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in vals):
+        raise TypeError(f"padding must be an int, an (h, w) pair or (top, bottom, left, right) ints, got {padding!r}")
+    if min(vals) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding!r}")
+    return int(vals[0]), int(vals[1]), int(vals[2]), int(vals[3])
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
+    """Output length of one spatial dim (as ``F.conv2d`` after ``F.pad``)."""
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def dynamic_smem_limit(backend: str, device: torch.device) -> int:
+    """Most dynamic shared memory one CTA may request: the device's opt-in maximum on the GPU
+    (:func:`.cupy_launch.max_dynamic_smem`), the default 48 KB where no device is known (host emulation)."""
+    return cupy_launch.max_dynamic_smem(device) if backend == "cupy" else DEFAULT_SMEM_LIMIT
 
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """Shapes of one DW conv call: input ``[n, c, h, w]``, output ``[n, c, oh, ow]``, window ``kh x kw``."""
+    """Shapes of one DW conv call: input ``[n, c, h, w]``, output ``[n, c, oh, ow]``, window ``kh x kw``,
+    zero padding ``pad = (top, bottom, left, right)``. The kernels only take the top and left padding (where
+    the first window starts); the bottom and right padding only size ``oh`` / ``ow``."""
 
     n: int
     c: int
@@ -35,16 +70,16 @@ class ConvGeometry:
     kw: int
     sh: int
     sw: int
-    ph: int
-    pw: int
+    pad: tuple[int, int, int, int]
     dh: int
     dw: int
     nhwc: bool
 
     def kernel_args(self) -> list[KernelArg]:
-        """``N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW`` as int32 kernel arguments."""
+        """``N, C, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW`` as int32 kernel arguments (``PH`` / ``PW``:
+        the top / left padding)."""
         return [arg_i32(v) for v in (self.n, self.c, self.h, self.w, self.oh, self.ow, self.kh, self.kw,
-                                     self.sh, self.sw, self.ph, self.pw, self.dh, self.dw)]
+                                     self.sh, self.sw, self.pad[0], self.pad[2], self.dh, self.dw)]
 
     def input_window(self, tile_h: int, tile_w: int) -> tuple[int, int]:
         """Input rows/cols (with halo) read by a ``tile_h x tile_w`` output tile."""
@@ -65,6 +100,11 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
         weight_tensors: its tensors; they must be on ``x``'s device.
         num_channels, kernel_size: of the compact weight.
         bias: ``[C]`` float32 or ``x.dtype``, or None.
+        stride, dilation: int or ``(h, w)`` pair.
+        padding: int, ``(h, w)`` pair (symmetric) or ``(top, bottom, left, right)`` (see :func:`conv_padding`).
+        act: a key of :data:`.activations.ACTIVATIONS` (the epilogue activation).
+        backend: one of :data:`KERNEL_BACKENDS`: ``"cupy"`` (x on CUDA, async on the current stream) or
+            ``"emu"`` (x on CPU, host emulation).
 
     Returns:
         ``(x, geometry, bias fp32 contiguous or None, act code, y)``; ``y`` is ``[N, C, OH, OW]`` in x's
@@ -105,14 +145,14 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
         bias = bias.to(torch.float32).contiguous()
     sh, sw = pair(stride, "stride", 1)
-    ph, pw = pair(padding, "padding", 0)
+    pad = conv_padding(padding)
     dh, dw = pair(dilation, "dilation", 1)
     kh, kw = kernel_size
-    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh = conv_output_size(h, kh, sh, pad[0], pad[1], dh)
+    ow = conv_output_size(w, kw, sw, pad[2], pad[3], dw)
     if oh < 1 or ow < 1:
         raise ValueError(f"empty output {oh}x{ow} for input {h}x{w}, kernel {kh}x{kw}, stride {(sh, sw)}, "
-                         f"padding {(ph, pw)}, dilation {(dh, dw)}")
+                         f"padding {pad} (top, bottom, left, right), dilation {(dh, dw)}")
     if n > MAX_GRID_YZ:
         raise ValueError(f"batch size {n} exceeds {MAX_GRID_YZ} (one grid z slice per image)")
     if max(c * h * w, c * oh * ow) >= 2**31:
@@ -128,7 +168,7 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
         x, nhwc = x.contiguous(), False
     fmt = torch.channels_last if nhwc else torch.contiguous_format
     y = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
-    geo = ConvGeometry(n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw, nhwc)
+    geo = ConvGeometry(n, c, h, w, oh, ow, kh, kw, sh, sw, pad, dh, dw, nhwc)
     return x, geo, bias, ACTIVATIONS[act].code, y
 
 

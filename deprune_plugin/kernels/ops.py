@@ -18,13 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .activations import apply_activation
+from .launch import conv_output_size
 
 __all__ = ["dw_direct_op", "dw_dr_op", "conv_output_size"]
-
-
-def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
-    """Output length of one spatial dim (as ``F.conv2d`` after ``F.pad``)."""
-    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _reference(x: torch.Tensor, dense: torch.Tensor, bias: Optional[torch.Tensor], stride: list[int],
