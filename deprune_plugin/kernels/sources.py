@@ -1,5 +1,10 @@
 """Kernel sources: locate ``cuda/*.cu``, specialise them with ``#define``s, hash them for caching.
 
+The sources live in the repository's top-level ``cuda/`` folder; the wheel ships them inside the package
+as ``deprune_plugin/_cuda/`` (pyproject.toml maps that data-only package to ``cuda/``), found through
+:mod:`importlib.resources`. An editable install or a source checkout has no ``_cuda/`` folder and reads
+``cuda/`` next to the package instead (see :func:`cuda_dir`).
+
 The same specialised text is compiled by NVRTC (:mod:`.cupy_launch`) and by g++ against
 ``cuda/cuda_host_emulation.h`` (:mod:`.emulation`). Kernel arguments are described backend-neutrally
 with :class:`KernelArg` so that both backends marshal them identically.
@@ -7,8 +12,11 @@ with :class:`KernelArg` so that both backends marshal them identically.
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import re
+import tempfile
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,8 +24,8 @@ from typing import Mapping, NamedTuple
 
 import torch
 
-__all__ = ["EMULATION_HEADER", "KernelArg", "KernelSource", "arg_f32", "arg_i32", "arg_ptr", "cuda_dir",
-           "scalar_define", "specialize"]
+__all__ = ["EMULATION_HEADER", "PACKAGED_DIR", "KernelArg", "KernelSource", "arg_f32", "arg_i32", "arg_ptr",
+           "cuda_dir", "scalar_define", "specialize"]
 
 #: Header the host emulation needs next to the ``.cu`` files (never used by NVRTC/nvcc builds).
 EMULATION_HEADER = "cuda_host_emulation.h"
@@ -25,14 +33,59 @@ EMULATION_HEADER = "cuda_host_emulation.h"
 _SCALAR_DEFINES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
 
+#: Folder, inside the installed package, where the wheel puts the ``cuda/`` files.
+PACKAGED_DIR = "_cuda"
+_PACKAGE = __name__.split(".")[0]
+_EXTRACTED: dict[str, Path] = {}
+_EXTRACT_LOCK = threading.Lock()
+
+
+def _packaged_dir() -> Path | None:
+    """The sources shipped inside the installed package (``deprune_plugin/_cuda``), or None when the
+    package has none (editable install, source checkout). A package imported from a zip is unpacked once
+    into a temporary folder: the builds need real files and an include directory."""
+    try:
+        root = importlib.resources.files(_PACKAGE).joinpath(PACKAGED_DIR)
+        if not root.is_dir():
+            return None
+    except (ModuleNotFoundError, OSError):
+        return None
+    if isinstance(root, Path):
+        return root
+    with _EXTRACT_LOCK:
+        key = str(root)
+        if key not in _EXTRACTED:
+            out = Path(tempfile.mkdtemp(prefix="deprune_cuda_"))
+            for item in root.iterdir():
+                if item.is_file():
+                    (out / item.name).write_bytes(item.read_bytes())
+            _EXTRACTED[key] = out
+        return _EXTRACTED[key]
+
+
 def cuda_dir() -> Path:
-    """Directory holding the ``.cu`` sources: ``$DEPRUNE_CUDA_DIR`` if set, else ``<repo root>/cuda``
-    (the parent of the ``deprune_plugin`` package). Read on every call so tests can redirect it."""
+    """Directory holding the ``.cu`` sources, the first of:
+
+    1. ``$DEPRUNE_CUDA_DIR`` if set (read on every call, so tests can redirect it);
+    2. the copy shipped in the installed package, ``importlib.resources.files("deprune_plugin") / "_cuda"``
+       (a wheel install);
+    3. ``<repo root>/cuda``, the parent of the ``deprune_plugin`` package (editable install, checkout).
+    """
     env = os.environ.get("DEPRUNE_CUDA_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "cuda"
+    if env:
+        path = Path(env)
+        if not path.is_dir():
+            raise FileNotFoundError(f"CUDA source directory {path} (from $DEPRUNE_CUDA_DIR) not found")
+        return path
+    packaged = _packaged_dir()
+    if packaged is not None:
+        return packaged
+    path = Path(__file__).resolve().parents[2] / "cuda"
     if not path.is_dir():
-        raise FileNotFoundError(f"CUDA source directory {path} not found "
-                                "(set DEPRUNE_CUDA_DIR to the repository's cuda/ directory)")
+        raise FileNotFoundError(
+            f"CUDA kernel sources not found: neither {_PACKAGE}/{PACKAGED_DIR} in the installed package nor "
+            f"{path} (a source checkout). Reinstall the package from a wheel or with `pip install -e .` from "
+            "the repository, or set DEPRUNE_CUDA_DIR to the repository's cuda/ directory")
     return path
 
 
