@@ -2,7 +2,7 @@
 
 Public API::
 
-    from deprune_plugin import DEPruner, DEPruneImportance, accelerate, save, load
+    from deprune_plugin import DEPruner, DEPruneImportance, accelerate, export, save, load
 
 Importing the package also registers ``tp.pruner.DEPruner`` and ``tp.importance.DEPruneImportance`` in
 torch-pruning (done by :mod:`deprune_plugin.tp_glue`).
@@ -13,7 +13,7 @@ and ``core`` <- ``kernels`` <- ``accel`` <- ``app``. This file is the one public
 """
 from __future__ import annotations
 
-from .accel import AccelerateConfig, accelerate
+from .accel import AccelerateConfig, accelerate, export
 from .core.masks import remove_tap_masks, tap_mask
 from .core.summary import LayerRow, Summary
 from .tp_glue.importance import DEPruneImportance
@@ -23,5 +23,5 @@ from .tp_glue.serialization import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["DEPruner", "DEPruneImportance", "accelerate", "AccelerateConfig", "save", "load", "VARIANTS",
+__all__ = ["DEPruner", "DEPruneImportance", "accelerate", "AccelerateConfig", "export", "save", "load", "VARIANTS",
            "Summary", "LayerRow", "tap_mask", "remove_tap_masks", "TorchPruningFailure"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from deprune_plugin import DEPruner, accelerate
-from deprune_plugin.accel import AccelerateConfig, FastDWConv, memory_report
+from deprune_plugin.accel import FastDWConv, memory_report
 from deprune_plugin.accel.fold import fold_bn
 from deprune_plugin.core.masks import tap_mask
 from deprune_plugin.core.zoo import build_model, classifier_of
@@ -71,7 +71,7 @@ def test_replacement_holds_kept_taps_bn_and_activation():
     x = torch.randn(2, 3, 64, 64)
     DEPruner(m, x, dw_pruning_ratio=0.78, pw_pruning_ratio=0.0, variant="B", ignored_layers=[m.get_classifier()]).step()
     m.eval()
-    fast = quiet_accelerate(m, backend="torch", config=AccelerateConfig(torchscript=False))
+    fast = quiet_accelerate(m, backend="torch")
     blk = fast.blocks[1][0]
     assert isinstance(blk.conv_dw, FastDWConv) and blk.conv_dw.act == "relu6"
     assert type(blk.bn2) is nn.Identity  # BN and its ReLU6 now live inside the new module
@@ -90,10 +90,12 @@ def test_filter_fn_and_report_reasons():
     assert any(e.name == "blocks.0.0.conv_dw" and "filter_fn" in e.detail for e in rep.entries)
 
 
-def test_auto_falls_back_with_one_warning_and_cupy_is_an_error_without_gpu():
+def test_auto_falls_back_with_one_warning_and_cupy_is_an_error_without_gpu(monkeypatch):
     m = build_model("timm", "mobilenetv3_small_050", num_classes=10).eval()
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    # as on a machine without OpenVINO / ONNX Runtime (test_cpu_runtimes.py covers them)
+    monkeypatch.setattr("deprune_plugin.accel.api.runtime_available", lambda name: (False, f"{name} missing"))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         fast = accelerate(m, backend="auto")

@@ -17,7 +17,7 @@ from deprune_plugin.accel.modules import same_padding
 from deprune_plugin.core.zoo import build_model, classifier_of
 from deprune_plugin.kernels import emulation_available
 
-NO_TS = AccelerateConfig(torchscript=False)
+NO_TS = AccelerateConfig()  # the torch path: no CPU runtime, no TorchScript
 
 
 def accel(model, **kw):

@@ -87,7 +87,7 @@ def test_accelerate_option_on_cpu_is_ignored_with_a_warning_and_reported():
     m = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), nn.BatchNorm2d(3)).eval()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        fast = accelerate(m, backend="torch", config=AccelerateConfig(torchscript=False, cuda_graphs=True))
+        fast = accelerate(m, backend="torch", config=AccelerateConfig(cuda_graphs=True))
     assert not isinstance(fast, CUDAGraphModel)
     assert any("cuda_graphs=True needs a model on a CUDA device" in str(x.message) for x in w)
     assert any("cuda_graphs ignored" in c for c in fast.deprune_report.checks)

@@ -258,3 +258,48 @@ def test_interleaved_medians_round_robin_order_and_medians():
                               reps=3, warmup=1)
     assert order == ["a", "b"] * 4  # warm-up round, then three timed rounds, interleaved
     assert med["b"] >= 0.01 > med["a"]
+
+
+def test_the_default_timer_queues_its_gpu_sleep_for_every_call_of_a_sample(monkeypatch):
+    """With the default timer one sample is one time_call over calls_per_sample back-to-back calls, so the
+    GPU sleep that keeps the device busy is sized for all of them (not for one)."""
+    import deprune_plugin.kernels.dispatch as dispatch
+    from deprune_plugin.core.timing import CallTime
+
+    seen: list[int] = []
+
+    def fake_time_call(fn, device="cpu", reps=1, clock="device"):
+        seen.append(reps)
+        for _ in range(reps):
+            fn()
+        return CallTime(1e-3, 2e-4)
+
+    monkeypatch.setattr(dispatch, "time_call", fake_time_call)
+    d = dispatch.KernelDispatcher({"dense": lambda x: x + 1, "direct": lambda x: x + 1}, warmup=0, reps=3,
+                                  calls_per_sample=4)
+    choice = d.select(torch.zeros(3))
+    assert seen == [4] * 6  # 3 samples x 2 candidates, each of 4 calls in one timed window
+    assert choice.timings == {"dense": 1e-3, "direct": 1e-3} and choice.host == {"dense": 2e-4, "direct": 2e-4}
+
+
+def test_threads_calling_a_layer_first_share_one_dispatcher(monkeypatch):
+    import deprune_plugin.accel.modules as modules
+
+    real = modules.KernelDispatcher
+
+    class SlowToBuild(real):
+        def __init__(self, *a, **kw):
+            time.sleep(0.05)  # widens the race a missing lock would lose
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(modules, "KernelDispatcher", SlowToBuild)
+    w = torch.randn(8, 1, 3, 3)
+    layer = modules.FastDWConv(w, torch.zeros(8), torch.ones_like(w, dtype=torch.bool), (1, 1), (1, 1, 1, 1),
+                               (1, 1), "identity")
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(layer.dispatcher())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(d is got[0] for d in got)

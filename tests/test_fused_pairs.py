@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from deprune_plugin import DEPruner, accelerate
 from deprune_plugin import kernels as kernels_pkg
-from deprune_plugin.accel import AccelerateConfig, FastDWConv
+from deprune_plugin.accel import FastDWConv
 from deprune_plugin.accel.fused import FusedDSConv, plan_pair_edits
 from deprune_plugin.accel.selfcheck import check_inputs, verify_edits
 from deprune_plugin.core.zoo import build_model, classifier_of
@@ -37,7 +37,7 @@ def _accelerated(name="mobilenetv2_050", se=False):
     m.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fast = accelerate(m, backend="torch", example_inputs=x[:1], config=AccelerateConfig(torchscript=False))
+        fast = accelerate(m, backend="torch", example_inputs=x[:1])
     return m, fast, x[:1]
 
 

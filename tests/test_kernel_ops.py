@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from deprune_plugin import DEPruner, accelerate
-from deprune_plugin.accel import AccelerateConfig, FastDWConv
+from deprune_plugin.accel import FastDWConv
 from deprune_plugin.core.zoo import build_model, classifier_of
 from deprune_plugin.kernels import ops  # noqa: F401 - registers torch.ops.deprune
 from deprune_plugin.kernels.dispatch import dispatch_key
@@ -61,7 +61,7 @@ def _accelerated_with_choices(kernel: str):
     m.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fast = accelerate(m, backend="torch", example_inputs=x[:1], config=AccelerateConfig(torchscript=False))
+        fast = accelerate(m, backend="torch", example_inputs=x[:1])
     sizes = {}
     def record(mod, args):
         sizes.setdefault(mod, dispatch_key(args[0]))

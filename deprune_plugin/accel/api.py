@@ -14,14 +14,18 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..core.timing import interleaved_medians
 from .convert import ReportEntry, plan_edits
 from .fold import find_chains, trace_calls
 from .fused import FusedDSConv, fused_kernel_available, plan_pair_edits
 from .graphs import CUDAGraphModel
 from .modules import FastDWConv
-from .selfcheck import check_inputs, verify_edits
+from .runtimes import RUNTIMES, RuntimeModel, runtime_available, to_onnx
+from .selfcheck import check_inputs, outputs_agree, verify_edits
 
-BACKENDS = ("auto", "cupy", "torch")
+#: what ``accelerate(backend=...)`` accepts: ``"auto"``, the CUDA kernels, the plain torch path, or a CPU
+#: runtime (:data:`~deprune_plugin.accel.runtimes.RUNTIMES`).
+BACKENDS = ("auto", "cupy", "torch", *RUNTIMES)
 
 
 @dataclass(frozen=True)
@@ -36,14 +40,16 @@ class AccelerateConfig:
             (:mod:`~deprune_plugin.accel.fused`), chosen per signature against the unfused pair by measurement.
         cuda_graphs: on CUDA, capture the whole forward as one CUDA graph per input signature and replay it
             (:class:`~deprune_plugin.accel.graphs.CUDAGraphModel`): at batch 1 launch overhead dominates.
-        torchscript: torch backend on CPU: also trace and freeze the result with TorchScript, which removes
-            the Python overhead of ~200 module calls (measured: MobileNetV2 batch 1, 9.4 -> 5.2 ms on 2
-            cores). The eager module stays available as ``.eager``; tracing and ONNX export use it.
+        cpu_runtimes: the CPU runtimes ``backend="auto"`` tries on a CPU model (those installed), each
+            checked against the model, then timed against the torch path on the example input; the fastest
+            is kept. ``()`` keeps the torch path.
+        select_reps: timed rounds of that choice (interleaved medians).
     """
 
     channels_last: bool = True
     fold_batchnorm: bool = True
-    torchscript: bool = True
+    cpu_runtimes: tuple[str, ...] = tuple(RUNTIMES)
+    select_reps: int = 10
     group_size: int = 32
     tile: int = 32
     cuda_graphs: bool = False
@@ -55,7 +61,7 @@ class AccelerateReport:
     """What :func:`accelerate` did.
 
     Attributes:
-        backend: the backend used (after any fallback).
+        backend: the backend used (after any fallback): ``"cupy"``, ``"torch"`` or a CPU runtime.
         entries: one :class:`ReportEntry` per module looked at: ``"replaced"`` (FastDWConv), ``"folded"``
             (BatchNorm folded into a conv), ``"fused"`` / ``"unfused"`` (DW + PW pairs, with the reason) or
             ``"left"`` (with the reason).
@@ -65,6 +71,8 @@ class AccelerateReport:
             signature, each candidate's device and host time, and the candidates dropped and why.
         cuda_graphs: with ``config.cuda_graphs``: per input signature seen, ``"captured"`` or why it ran
             eagerly (filled as signatures arrive).
+        runtimes: on a CPU, per runtime tried (and ``"torch"``): ``"ms"`` on the example input, or
+            ``"dropped"`` with the reason (not installed, export failed, outputs differ).
     """
 
     backend: str
@@ -73,6 +81,7 @@ class AccelerateReport:
     checks: list[str] = field(default_factory=list)
     kernels: dict[str, dict] = field(default_factory=dict)
     cuda_graphs: dict[tuple, str] = field(default_factory=dict)
+    runtimes: dict[str, dict] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"accelerate: backend={self.backend}" + (f" (fallback: {self.fallback_reason})"
@@ -82,10 +91,16 @@ class AccelerateReport:
         lines += [f"  check: {c}" for c in self.checks]
         lines += [f"  {e.action:<8} {e.name}: {e.detail}" for e in self.entries]
         for name, k in self.kernels.items():
-            times = ", ".join(f"{c} {t * 1e6:.1f} us" for c, t in k.get("timings", {}).items())
+            host = k.get("host", {})
+            times = ", ".join(f"{c} {t * 1e6:.1f} us" + (f" (host {host[c] * 1e6:.1f} us)" if c in host else "")
+                              for c, t in k.get("timings", {}).items())
             dropped = "".join(f"; dropped {c}: {why}" for c, why in k.get("dropped", {}).items())
             lines.append(f"  kernel   {name}: {k['name']} ({times}){dropped}")
-        lines += [f"  graph    {key[1][0] if len(key) > 1 else key}: {status}" for key, status in self.cuda_graphs.items()]
+        lines += [f"  graph    {key[1][0] if len(key) > 1 else key}: {status}"
+                  for key, status in self.cuda_graphs.items()]
+        for name, r in self.runtimes.items():
+            what = f"{r['ms']:.2f} ms on the example input" if "ms" in r else f"dropped: {r.get('dropped')}"
+            lines.append(f"  runtime  {name}: {what}" + (" (chosen)" if name == self.backend else ""))
         return "\n".join(lines)
 
     def replaced(self) -> list[str]:
@@ -96,11 +111,31 @@ class AccelerateReport:
         return {e.name: e.detail for e in self.entries if e.action == "left"}
 
 
-def _resolve_backend(backend: str) -> tuple[str, Optional[str]]:
-    if backend not in BACKENDS:
+def _resolve_backend(backend: str, device: torch.device, config: AccelerateConfig
+                     ) -> tuple[str, list[str], Optional[str]]:
+    """``(module backend, CPU runtimes to try, fallback reason)``."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return "torch", None
+        return "torch", [], None
+    if backend in RUNTIMES:
+        if device.type != "cpu":
+            raise ValueError(f"backend={backend!r} runs CPU models; the model is on {device}")
+        ok, why = runtime_available(backend)
+        if not ok:
+            raise RuntimeError(f"backend={backend!r}: {why}")
+        return "torch", [backend], None
+    if backend == "auto" and device.type == "cpu":
+        unknown = [r for r in config.cpu_runtimes if r not in RUNTIMES]
+        if unknown:
+            raise ValueError(f"config.cpu_runtimes: unknown runtime(s) {unknown}; known: {tuple(RUNTIMES)}")
+        found = [r for r in config.cpu_runtimes if runtime_available(r)[0]]
+        if config.cpu_runtimes and not found:
+            reason = (f"no CPU runtime installed ({', '.join(config.cpu_runtimes)}); "
+                      "pip install 'deprune-plugin[cpu]' for OpenVINO and ONNX Runtime")
+            warnings.warn(f"deprune_plugin.accelerate: using the torch backend ({reason})", stacklevel=3)
+            return "torch", [], reason
+        return "torch", found, None
     from ..kernels.cupy_launch import cupy_available
     ok, why = cupy_available()
     reason = None if ok else why
@@ -110,8 +145,8 @@ def _resolve_backend(backend: str) -> tuple[str, Optional[str]]:
         raise RuntimeError(f"backend='cupy' needs CuPy and a CUDA GPU: {reason}")
     if not ok:
         warnings.warn(f"deprune_plugin.accelerate: using the torch backend ({reason})", stacklevel=3)
-        return "torch", reason
-    return "cupy", None
+        return "torch", [], reason
+    return "cupy", [], None
 
 
 def _default_inputs(model: nn.Module, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -155,8 +190,12 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
 
     Args:
         model: a model (pruned by DEPruner or not). Not modified.
-        backend: ``"auto"`` (CuPy kernels on CUDA when CuPy imports, else torch, with one warning),
-            ``"cupy"`` (error without CuPy + GPU) or ``"torch"`` (dense conv on masked weights, channels_last).
+        backend: ``"auto"``: on CUDA the CuPy kernels when CuPy imports; on a CPU the fastest of the
+            installed CPU runtimes (``config.cpu_runtimes``) and the torch path, each checked, timed on the
+            example input; else torch, with one warning. ``"cupy"`` (error without CuPy + GPU), ``"torch"``
+            (dense conv on masked weights, channels_last, BN folded, eager), ``"openvino"`` or
+            ``"onnxruntime"`` (CPU; error when not installed; falls back to torch with one warning when
+            its output differs).
         example_inputs: an input to trace and check with; default a ``[1, C, 64, 64]`` random image (seeded).
         config: :class:`AccelerateConfig`.
         filter_fn: ``filter_fn(module, name) -> bool``; DW convs it rejects are left as they are.
@@ -176,8 +215,11 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
         raise TypeError(f"config must be an AccelerateConfig, got {type(config).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable(module, name) -> bool, got {type(filter_fn).__name__}")
+    if not isinstance(config.select_reps, int) or config.select_reps < 1:
+        raise ValueError(f"config.select_reps must be an int >= 1, got {config.select_reps!r}")
     device, dtype = _check_uniform(model)
-    backend, fallback = _resolve_backend(backend)
+    requested = backend
+    backend, runtimes, fallback = _resolve_backend(backend, device, config)
     if example_inputs is None:
         example_inputs = _default_inputs(model, device, dtype)
     elif isinstance(example_inputs, torch.Tensor):
@@ -215,12 +257,55 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
     if backend == "cupy" and config.fuse_pairs and fused_kernel_available():
         _fuse_pairs(fast, example_inputs, inputs, prepare, report)
     report.kernels = kernel_choices(fast)
-    if backend == "torch" and config.torchscript and device.type == "cpu":
-        fast = _freeze(fast, tuple(example_inputs), report)
+    if runtimes:
+        fast = _choose_cpu_runtime(fast, example_inputs, inputs, runtimes, requested in RUNTIMES, config, report)
     if config.cuda_graphs:
         fast = _with_cuda_graphs(fast, device, report)
     fast.deprune_report = report
     return fast
+
+
+def _choose_cpu_runtime(fast: nn.Module, example_inputs: tuple, inputs: list, runtimes: list[str], explicit: bool,
+                        config: AccelerateConfig, report: AccelerateReport) -> nn.Module:
+    """Wrap ``fast`` (the checked torch model) in each CPU runtime, keep those whose outputs match the source
+    model on every check input, and return the fastest on the example input (the asked-for one when
+    ``explicit``). Dropped runtimes are reported and warned about once; the torch path is the fallback."""
+    candidates: dict[str, nn.Module] = {"torch": fast}
+    try:
+        onnx = to_onnx(fast, example_inputs)
+    except Exception as e:  # noqa: BLE001 - a model ONNX cannot express stays on the torch path, with the reason
+        onnx, export_error = None, f"ONNX export failed: {type(e).__name__}: {e}"
+    for name in runtimes:
+        try:
+            if onnx is None:
+                raise RuntimeError(export_error)
+            wrapped = RuntimeModel(fast, name, onnx, torch.get_num_threads()).eval()
+            ok, why = outputs_agree(wrapped, inputs)
+        except Exception as e:  # noqa: BLE001 - a runtime that cannot build or run the graph is dropped
+            ok, why = False, f"{type(e).__name__}: {e}"
+        if ok:
+            candidates[name] = wrapped
+        else:
+            report.runtimes[name] = {"dropped": why}
+    dropped = {k: v["dropped"] for k, v in report.runtimes.items()}
+    if dropped:
+        warnings.warn("deprune_plugin.accelerate: CPU runtime(s) not used: "
+                      + "; ".join(f"{k}: {v}" for k, v in dropped.items()), RuntimeWarning, stacklevel=4)
+    if explicit:
+        chosen = runtimes[0] if runtimes[0] in candidates else "torch"
+        if chosen == "torch":
+            report.fallback_reason = f"{runtimes[0]}: {dropped[runtimes[0]]}"
+    else:
+        args = tuple(example_inputs)
+        times = interleaved_medians({k: (lambda m=m: m(*args)) for k, m in candidates.items()},
+                                    reps=config.select_reps, warmup=2)
+        for k, t in times.items():
+            report.runtimes[k] = {"ms": t * 1e3}
+        chosen = min(times, key=times.get)
+    report.backend = chosen
+    report.checks.append(f"{chosen}: outputs match the source model on {', '.join(i.label for i in inputs)}"
+                         if chosen != "torch" else "torch path (eager, channels_last, BN folded)")
+    return candidates[chosen]
 
 
 def _with_cuda_graphs(fast: nn.Module, device: torch.device, report: AccelerateReport) -> nn.Module:
@@ -255,42 +340,6 @@ def kernel_choices(model: nn.Module) -> dict[str, dict]:
 
 def _to_channels_last_model(model: nn.Module) -> None:
     model.to(memory_format=torch.channels_last)
-
-
-class FrozenModel(nn.Module):
-    """A frozen TorchScript trace of ``eager`` for inference; ``torch.jit.trace`` and ONNX export see
-    ``eager`` (a frozen graph cannot be re-traced)."""
-
-    def __init__(self, eager: nn.Module, scripted: torch.jit.ScriptModule) -> None:
-        super().__init__()
-        self.eager = eager
-        # Kept out of the module tree: torch.jit.trace would try to script it as a child.
-        self.__dict__["_scripted"] = scripted
-
-    def forward(self, *args):
-        scripted = self.__dict__.get("_scripted")
-        if scripted is None or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.is_grad_enabled():
-            return self.eager(*args)
-        return scripted(*args)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_scripted"] = None  # a frozen graph does not pickle; copies run the eager module
-        return state
-
-
-def _freeze(fast: nn.Module, inputs: tuple, report: AccelerateReport) -> nn.Module:
-    try:
-        with torch.no_grad():
-            scripted = torch.jit.freeze(torch.jit.trace(fast, inputs, check_trace=False))
-            ref, got = fast(*inputs), scripted(*inputs)
-        if not torch.allclose(ref, got, rtol=1e-4, atol=1e-5):
-            raise RuntimeError("frozen trace disagrees with the eager model")
-    except Exception as e:  # noqa: BLE001 - stay eager, say why
-        report.entries.append(ReportEntry("<model>", "left", f"TorchScript freeze skipped: {type(e).__name__}: {e}"))
-        return fast
-    report.entries.append(ReportEntry("<model>", "folded", "traced and frozen with TorchScript"))
-    return FrozenModel(fast, scripted)
 
 
 def _to_channels_last(module: nn.Module, args: tuple):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..kernels.dispatch import KernelDispatcher, dispatch_key
 from .convert import Edit, ReportEntry
 from .fold import Trace, trace_calls
-from .modules import FastDWConv
+from .modules import DISPATCHER_LOCK, FastDWConv
 
 __all__ = ["FusedDSConv", "fused_kernel_available", "plan_pair_edits"]
 
@@ -88,10 +88,12 @@ class FusedDSConv(nn.Module):
                                    backend=backend)
 
     def dispatcher(self) -> KernelDispatcher:
-        if self._dispatcher is None:
-            self._dispatcher = KernelDispatcher({"unfused": _unfused, "fused": _fused}, label=self.label)
-            for key, name in self.choices.items():
-                self._dispatcher.restore(key, name)
+        with DISPATCHER_LOCK:
+            if self._dispatcher is None:
+                d = KernelDispatcher({"unfused": _unfused, "fused": _fused}, label=self.label)
+                for key, name in self.choices.items():
+                    d.restore(key, name)
+                self._dispatcher = d
         return self._dispatcher
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -18,6 +19,9 @@ __all__ = ["FastDWConv", "same_padding", "MODULE_BACKENDS"]
 #: inputs, chosen per signature), ``"emu"`` (the kernels' host emulation on CPU inputs: slow, for tests).
 MODULE_BACKENDS = ("torch", "cupy", "emu")
 _FORMATS = {"taps": CompactTaps, "dr": DRColumns}
+# Guards the lazy creation of a layer's dispatcher: two threads' first calls must share one dispatcher (and
+# so one selection per signature), not each build and time their own.
+DISPATCHER_LOCK = threading.Lock()
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -45,13 +49,20 @@ def _store_format(module: nn.Module, prefix: str, fmt: Any) -> dict[str, Any]:
     return {"static": static, "floats": floats}
 
 
-def _load_format(module: nn.Module, prefix: str, cls: type, stored: dict[str, Any]) -> Any:
+def _load_format(module: nn.Module, prefix: str, cls: type, stored: dict[str, Any], validate: bool = True) -> Any:
+    """The format ``cls`` over ``module``'s buffers ``<prefix>_<field>``. ``validate=False`` skips the
+    content checks (device syncs) for buffers known to copy already validated ones."""
     kwargs = dict(stored["static"])
     for f in dataclasses.fields(cls):
         if f.name not in kwargs:
             t = getattr(module, f"{prefix}_{f.name}")
             kwargs[f.name] = t.view(torch.float32) if f.name in stored["floats"] else t
-    return cls(**kwargs)
+    if validate:
+        return cls(**kwargs)
+    fmt = cls.__new__(cls)
+    for name, value in kwargs.items():
+        object.__setattr__(fmt, name, value)
+    return fmt
 
 
 _CHOICES_KEY = "kernel_choices"
@@ -171,9 +182,12 @@ class FastDWConv(nn.Module):
         ``"bias"`` on the buffers' current device, rebuilt (and validated once) after a move or a load.
 
         Cached per generation: :meth:`_apply` (``.to``, ``.cuda``, ``.half``, ...) and state-dict loads start
-        a new one; a call costs an integer comparison. (Writing the buffers by hand is not noticed.)"""
+        a new one, a DataParallel replica starts empty (:meth:`_replicate_for_data_parallel`); a call costs an
+        integer comparison. (Writing the buffers by hand is not noticed.)"""
         if self._formats_gen != self._generation:
-            self._formats = {name: _load_format(self, name, cls, self._static[name]) for name, cls in _FORMATS.items()}
+            validate = not self.__dict__.pop("_buffers_validated", False)
+            self._formats = {name: _load_format(self, name, cls, self._static[name], validate)
+                             for name, cls in _FORMATS.items()}
             self._formats["bias"] = self.bias.float().contiguous()  # once, not a cast launch per call
             self._formats_gen = self._generation
         return self._formats
@@ -182,15 +196,27 @@ class FastDWConv(nn.Module):
         self._generation += 1
         return super()._apply(fn, recurse)
 
+    def _replicate_for_data_parallel(self):
+        """A ``nn.DataParallel`` replica (``torch.nn.parallel.replicate``): a shallow copy whose buffers
+        ``replicate`` then swaps for copies on the replica's device, never through :meth:`_apply`. The
+        replica drops the cached formats (they hold this module's tensors) and rebuilds them from its own
+        buffers on first use, without the content checks: its buffers are copies of this module's, checked
+        here. The kernel choices stay shared (their keys carry the device), so the replicas that DataParallel
+        makes anew on every forward do not re-time known signatures."""
+        replica = super()._replicate_for_data_parallel()
+        replica._formats, replica._formats_gen = {}, -1
+        if not self.keep.is_meta:  # (meta tensors have no content to check)
+            self.formats()  # check (once per generation) the buffers the replicas copy
+            replica._buffers_validated = True
+        return replica
+
     def run_kernel(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """One kernel (``"direct"`` or ``"dr"``) on ``x`` through the module's kernel backend."""
         from ..kernels import dw_direct, dw_dr
 
         backend = "emu" if self.backend == "emu" else "cupy"
         fmt = self.formats()
-        top, bottom, left, right = self.pads(x)
-        padding = (top, left) if (top, left) == (bottom, right) else (top, bottom, left, right)
-        conv = dict(stride=self.stride, padding=padding, dilation=self.dilation, act=self.act, backend=backend)
+        conv = dict(stride=self.stride, padding=self.pads(x), dilation=self.dilation, act=self.act, backend=backend)
         if name == "direct":
             return dw_direct(x, fmt["taps"], fmt["bias"], **conv)
         if name == "dr":
@@ -199,11 +225,13 @@ class FastDWConv(nn.Module):
 
     def dispatcher(self) -> KernelDispatcher:
         """The layer's :class:`KernelDispatcher` over dense / direct / DR (built on first use)."""
-        if self._dispatcher is None:
-            self._dispatcher = KernelDispatcher({"dense": _dense, "direct": _kernel("direct"), "dr": _kernel("dr")},
-                                                label=self.label)
-            for key, name in self.choices.items():
-                self._dispatcher.restore(key, name)
+        with DISPATCHER_LOCK:
+            if self._dispatcher is None:
+                d = KernelDispatcher({"dense": _dense, "direct": _kernel("direct"), "dr": _kernel("dr")},
+                                     label=self.label)
+                for key, name in self.choices.items():
+                    d.restore(key, name)
+                self._dispatcher = d
         return self._dispatcher
 
     def _uses_kernels(self, x: torch.Tensor) -> bool:
@@ -256,6 +284,7 @@ class FastDWConv(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._generation += 1  # buffers were overwritten in place
+        self.__dict__.pop("_buffers_validated", None)  # with content that was never checked
         if rows is not None:
             state_dict[prefix + _CHOICES_KEY] = rows  # leave the caller's dict as it was
             self.choices = dict(_decode_choice(r) for r in rows.tolist())

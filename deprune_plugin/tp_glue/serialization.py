@@ -126,3 +126,10 @@ def load_extra(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, A
     payload = _read(path, "cpu", trusted)
     extra = payload.get("extra", {}) if isinstance(payload, dict) else {}
     return extra if isinstance(extra, dict) else {}
+
+
+def saved_input_shape(path: str | os.PathLike, *, trusted: bool = False) -> list[int] | None:
+    """The input shape a rebuildable file was saved with (``save(..., input_shape=...)``), else ``None``."""
+    payload = _read(path, "cpu", trusted)
+    shape = payload.get("input_shape") if isinstance(payload, dict) else None
+    return [int(v) for v in shape] if isinstance(shape, (list, tuple)) else None
