@@ -271,7 +271,8 @@ def test_latency_failure_is_a_warning_and_the_model_and_figure_are_saved(tmp_pat
     code = main(["prune", *QUICK, "--out", str(tmp_path / "m.pt")])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert err.strip().splitlines() == ["deprune: warning: latency not measured: RuntimeError: timer exploded second line"]
+    assert err.strip().splitlines() == [
+        "deprune: warning: latency not measured: RuntimeError: timer exploded second line"]
     assert (tmp_path / "m.png").read_bytes().startswith(PNG_MAGIC)
     assert "latency_ms" not in load_extra(tmp_path / "m.pt")["metrics"]
     assert load(tmp_path / "m.pt")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
@@ -321,7 +322,8 @@ def test_train_drops_the_incomplete_last_batch_only():
 def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
     data = _image_tree(tmp_path / "data")
     (data / "class1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
-    code = main(["prune", *QUICK, "--data", str(data), "--limit", "100", "--no-figure", "--out", str(tmp_path / "m.pt")])
+    code = main(["prune", *QUICK, "--data", str(data), "--limit", "100", "--no-figure",
+                 "--out", str(tmp_path / "m.pt")])
     err = capsys.readouterr().err
     assert code == 0, err
     lines = err.strip().splitlines()
@@ -340,7 +342,8 @@ def test_internal_error_is_one_line_with_the_way_to_the_traceback(tmp_path, caps
     code = main(args)
     err = capsys.readouterr().err
     assert code == 1
-    assert err.strip().splitlines() == ["deprune: internal error: ZeroDivisionError: integer division or modulo by zero "
+    assert err.strip().splitlines() == [
+        "deprune: internal error: ZeroDivisionError: integer division or modulo by zero "
                                         "(run again with --debug or DEPRUNE_DEBUG=1 for the traceback)"]
     with pytest.raises(ZeroDivisionError):
         main([*args, "--debug"])

@@ -54,7 +54,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> None:
 def test_runtime_backend_matches_the_pruned_model_at_every_batch_and_size(pruned, runtime):
     _need(runtime)
     fast = accelerate(pruned, backend=runtime, example_inputs=torch.randn(1, 3, 64, 64))
-    assert isinstance(fast, RuntimeModel) and fast.runtime == runtime
+    assert isinstance(fast, RuntimeModel) and fast.runtimes == (runtime,) and fast.runtime == runtime
     rep = fast.deprune_report
     assert rep.backend == runtime and rep.fallback_reason is None
     assert any(c.startswith(f"{runtime}: outputs match") for c in rep.checks)
@@ -92,17 +92,40 @@ def test_runtime_result_behaves_as_a_module(pruned, runtime):
     _close(traced(x[:1]), pruned(x[:1]))
 
 
-def test_auto_times_every_checked_runner_and_keeps_the_fastest(pruned):
+def test_auto_times_every_checked_runner_and_keeps_the_fastest_per_signature(pruned):
     installed = [r for r in RUNTIME_NAMES if rt_mod.runtime_available(r)[0]]
     if not installed:
         pytest.skip("no CPU runtime installed")
-    fast = accelerate(pruned, config=AccelerateConfig(select_reps=3))
+    ex = torch.randn(1, 3, 64, 64)
+    fast = accelerate(pruned, example_inputs=ex, config=AccelerateConfig(select_reps=3))
     rep = fast.deprune_report
+    assert isinstance(fast, RuntimeModel) and fast.runtimes == tuple(installed)
     assert set(rep.runtimes) == {"torch", *installed}
     times = {k: v["ms"] for k, v in rep.runtimes.items()}
     assert all(t > 0 for t in times.values())
     assert rep.backend == min(times, key=times.get)
     assert f"runtime  {rep.backend}:" in str(rep) and "(chosen)" in str(rep)
+    assert list(fast.choices.values()) == [rep.backend]  # chosen for the example input's signature
+    x = torch.randn(4, 3, 80, 80)  # a new signature: checked and timed on its first call, then cached
+    with torch.no_grad():
+        _close(fast(x), pruned(x))
+    assert len(fast.choices) == 2 and set(fast.choices.values()) <= {"torch", *installed}
+    assert {c.name for c in fast.dispatcher().cache.values()} == set(fast.choices.values())
+
+
+def test_a_runtime_that_disagrees_on_a_new_signature_is_dropped_there(pruned, monkeypatch):
+    installed = [r for r in RUNTIME_NAMES if rt_mod.runtime_available(r)[0]]
+    if not installed:
+        pytest.skip("no CPU runtime installed")
+    fast = accelerate(pruned, config=AccelerateConfig(select_reps=2))
+    real = RuntimeModel.run_runtime
+    monkeypatch.setattr(RuntimeModel, "run_runtime", lambda self, name, *a: real(self, name, *a) + 1.0)
+    x = torch.randn(2, 3, 72, 72)
+    with pytest.warns(RuntimeWarning, match="dropped"):
+        with torch.no_grad():
+            got = fast(x)
+    _close(got, pruned(x))  # every runtime disagreed: torch runs that signature
+    assert fast.choices[RuntimeModel._key((x,))] == "torch"
 
 
 def test_no_runtime_installed_falls_back_to_torch_with_one_warning(pruned, monkeypatch):
@@ -127,7 +150,7 @@ def test_a_runtime_that_disagrees_is_dropped_reported_and_warned(pruned, monkeyp
         out = real(self, *args)
         return out if self._runs_eagerly(args) else out + 0.01 * out.abs().max()
 
-    monkeypatch.setattr(RuntimeModel, "forward", off_by_a_bit)
+    monkeypatch.setattr(RuntimeModel, "forward", off_by_a_bit)  # what the self-check runs
     with pytest.warns(RuntimeWarning, match=f"CPU runtime\\(s\\) not used: {runtime}"):
         fast = accelerate(pruned, backend=runtime)
     rep = fast.deprune_report
@@ -144,7 +167,9 @@ def test_bad_runtime_arguments_are_clear_errors(pruned):
     with pytest.raises(ValueError, match="select_reps"):
         accelerate(pruned, config=AccelerateConfig(select_reps=0))
     with pytest.raises(ValueError, match="runtime must be one of"):
-        RuntimeModel(pruned, "tvm", b"", 1)
+        RuntimeModel(pruned, ["tvm"], b"", 1)
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        RuntimeModel(pruned, [], b"", 1)
 
 
 @pytest.mark.slow

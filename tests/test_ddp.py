@@ -33,7 +33,8 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def check_lines(stdout: str) -> dict[str, bool]:
     return {m.group(1): m.group(2) == "True"
-            for m in re.finditer(r"^check: (pruned taps exactly zero|replicas identical|two forwards then one backward): (True|False)", stdout, re.M)}
+            for m in re.finditer(r"^check: (pruned taps exactly zero|replicas identical|two forwards then one backward)"
+                                 r": (True|False)", stdout, re.M)}
 
 
 def assert_clean_run(proc: subprocess.CompletedProcess, out: Path) -> None:

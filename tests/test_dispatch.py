@@ -129,7 +129,8 @@ def test_raising_candidates_are_dropped_with_the_reason():
         d(x)
     choice = d.cache[dispatch_key(x)]
     assert choice.name == "dense"
-    assert choice.dropped == {"dr": "raised ValueError: unsupported kernel size", "direct": "raised RuntimeError: no GPU"}
+    assert choice.dropped == {"dr": "raised ValueError: unsupported kernel size",
+                              "direct": "raised RuntimeError: no GPU"}
     assert set(choice.timings) == {"dense"}
 
 

@@ -13,7 +13,8 @@ from deprune_plugin.core.method import bwt_keep_mask, dcp_keep_mask, kept_per_ra
 
 def test_dcp_prunes_floor_of_ratio_smallest_magnitudes():
     # 2 channels x 3x3 = 18 weights with |w| = 1..18: at 50% floor(9) smallest go.
-    w = torch.arange(1, 19, dtype=torch.float32).reshape(2, 1, 3, 3) * torch.tensor([1.0, -1.0]).repeat(9).reshape(2, 1, 3, 3)
+    signs = torch.tensor([1.0, -1.0]).repeat(9).reshape(2, 1, 3, 3)
+    w = torch.arange(1, 19, dtype=torch.float32).reshape(2, 1, 3, 3) * signs
     keep = dcp_keep_mask(w.abs(), 0.5)
     assert int((~keep).sum()) == 9
     assert keep.reshape(-1).tolist() == [False] * 9 + [True] * 9

@@ -8,7 +8,8 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from deprune_plugin.core.method import bwt_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range, tile_cost_alpha
+from deprune_plugin.core.method import (bwt_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range,
+                                        tile_cost_alpha)
 
 
 def test_cost_model_alpha():

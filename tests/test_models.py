@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from deprune_plugin import DEPruner
 from deprune_plugin.core.masks import is_depthwise, tap_mask
@@ -26,7 +25,7 @@ def test_model_prunes_with_the_specified_structure(source, name):
     assert model(x).shape == (2, 10)
     dws = {n: m for n, m in model.named_modules() if is_depthwise(m)}
     assert {n: m.out_channels for n, m in dws.items()} == dw_before  # DW channels never removed
-    for n, m in dws.items():
+    for m in dws.values():
         mask = tap_mask(m)
         assert mask is not None and mask.shape == m.weight.shape
         full = kept_per_range(mask, 32)[: m.out_channels // 32]

@@ -44,7 +44,7 @@ def test_mobilenetv2_pw_conv2_only_rule():
     assert m.get_classifier().in_features == 1280
     assert m(X).shape == (2, 1000)
     # every DW layer: BWT at 78% -> K' = 64 per full range
-    for name, mod in m.named_modules():
+    for mod in m.modules():
         if is_depthwise(mod):
             assert set(kept_per_range(tap_mask(mod), 32)[: mod.out_channels // 32]) == {64}
 
@@ -248,7 +248,8 @@ def test_step_benchmark_attribute_is_recorded():
 def tiny():
     """Two DSConv blocks on a residual-free stream, small enough for many constructions."""
     return nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
-                         nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                         nn.Conv2d(16, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1),
+                         nn.Conv2d(32, 32, 3, padding=1, groups=32),
                          nn.Conv2d(32, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
 
 

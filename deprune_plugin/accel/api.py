@@ -14,7 +14,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..core.timing import interleaved_medians
 from .convert import ReportEntry, plan_edits
 from .fold import find_chains, trace_calls
 from .fused import FusedDSConv, fused_kernel_available, plan_pair_edits
@@ -41,9 +40,9 @@ class AccelerateConfig:
         cuda_graphs: on CUDA, capture the whole forward as one CUDA graph per input signature and replay it
             (:class:`~deprune_plugin.accel.graphs.CUDAGraphModel`): at batch 1 launch overhead dominates.
         cpu_runtimes: the CPU runtimes ``backend="auto"`` tries on a CPU model (those installed), each
-            checked against the model, then timed against the torch path on the example input; the fastest
-            is kept. ``()`` keeps the torch path.
-        select_reps: timed rounds of that choice (interleaved medians).
+            checked against the model; the result runs, per input signature, the fastest of them and the
+            torch path (:class:`~deprune_plugin.accel.runtimes.RuntimeModel`). ``()`` keeps the torch path.
+        select_reps: timed samples per runner of that choice, made per input signature on first use.
     """
 
     channels_last: bool = True
@@ -72,7 +71,8 @@ class AccelerateReport:
         cuda_graphs: with ``config.cuda_graphs``: per input signature seen, ``"captured"`` or why it ran
             eagerly (filled as signatures arrive).
         runtimes: on a CPU, per runtime tried (and ``"torch"``): ``"ms"`` on the example input, or
-            ``"dropped"`` with the reason (not installed, export failed, outputs differ).
+            ``"dropped"`` with the reason (export failed, outputs differ, raised). Choices for other
+            signatures: ``RuntimeModel.choices``.
     """
 
     backend: str
@@ -191,8 +191,9 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
     Args:
         model: a model (pruned by DEPruner or not). Not modified.
         backend: ``"auto"``: on CUDA the CuPy kernels when CuPy imports; on a CPU the fastest of the
-            installed CPU runtimes (``config.cpu_runtimes``) and the torch path, each checked, timed on the
-            example input; else torch, with one warning. ``"cupy"`` (error without CuPy + GPU), ``"torch"``
+            installed CPU runtimes (``config.cpu_runtimes``) and the torch path, each checked, chosen per input
+            signature by timing on first use (the example input's now); else torch, with one warning.
+            ``"cupy"`` (error without CuPy + GPU), ``"torch"``
             (dense conv on masked weights, channels_last, BN folded, eager), ``"openvino"`` or
             ``"onnxruntime"`` (CPU; error when not installed; falls back to torch with one warning when
             its output differs).
@@ -267,45 +268,49 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
 
 def _choose_cpu_runtime(fast: nn.Module, example_inputs: tuple, inputs: list, runtimes: list[str], explicit: bool,
                         config: AccelerateConfig, report: AccelerateReport) -> nn.Module:
-    """Wrap ``fast`` (the checked torch model) in each CPU runtime, keep those whose outputs match the source
-    model on every check input, and return the fastest on the example input (the asked-for one when
-    ``explicit``). Dropped runtimes are reported and warned about once; the torch path is the fallback."""
-    candidates: dict[str, nn.Module] = {"torch": fast}
+    """Wrap ``fast`` (the checked torch model) in the CPU runtimes whose outputs match the source model on
+    every check input. With ``explicit`` the asked-for runtime runs every call; else a
+    :class:`RuntimeModel` chooses the fastest runner (torch included) per input signature, the example
+    input's now. Dropped runtimes are reported and warned about once; torch is the fallback."""
     try:
         onnx = to_onnx(fast, example_inputs)
+        export_error = ""
     except Exception as e:  # noqa: BLE001 - a model ONNX cannot express stays on the torch path, with the reason
         onnx, export_error = None, f"ONNX export failed: {type(e).__name__}: {e}"
+    passed = []
     for name in runtimes:
         try:
             if onnx is None:
                 raise RuntimeError(export_error)
-            wrapped = RuntimeModel(fast, name, onnx, torch.get_num_threads()).eval()
-            ok, why = outputs_agree(wrapped, inputs)
+            ok, why = outputs_agree(RuntimeModel(fast, [name], onnx, torch.get_num_threads()).eval(), inputs)
         except Exception as e:  # noqa: BLE001 - a runtime that cannot build or run the graph is dropped
             ok, why = False, f"{type(e).__name__}: {e}"
         if ok:
-            candidates[name] = wrapped
+            passed.append(name)
         else:
             report.runtimes[name] = {"dropped": why}
     dropped = {k: v["dropped"] for k, v in report.runtimes.items()}
     if dropped:
         warnings.warn("deprune_plugin.accelerate: CPU runtime(s) not used: "
                       + "; ".join(f"{k}: {v}" for k, v in dropped.items()), RuntimeWarning, stacklevel=4)
-    if explicit:
-        chosen = runtimes[0] if runtimes[0] in candidates else "torch"
-        if chosen == "torch":
+    labels = ", ".join(i.label for i in inputs)
+    report.checks += [f"{name}: outputs match the source model on {labels}" for name in passed]
+    if not passed:
+        if explicit:
             report.fallback_reason = f"{runtimes[0]}: {dropped[runtimes[0]]}"
-    else:
-        args = tuple(example_inputs)
-        times = interleaved_medians({k: (lambda m=m: m(*args)) for k, m in candidates.items()},
-                                    reps=config.select_reps, warmup=2)
-        for k, t in times.items():
-            report.runtimes[k] = {"ms": t * 1e3}
-        chosen = min(times, key=times.get)
-    report.backend = chosen
-    report.checks.append(f"{chosen}: outputs match the source model on {', '.join(i.label for i in inputs)}"
-                         if chosen != "torch" else "torch path (eager, channels_last, BN folded)")
-    return candidates[chosen]
+        report.backend = "torch"
+        return fast
+    wrapped = RuntimeModel(fast, passed, onnx, torch.get_num_threads(), select_reps=config.select_reps).eval()
+    if explicit:
+        report.backend = passed[0]
+        return wrapped
+    choice = wrapped.select(*example_inputs)
+    for name, t in choice.timings.items():
+        report.runtimes[name] = {"ms": t * 1e3}
+    for name, why in choice.dropped.items():
+        report.runtimes[name] = {"dropped": why}
+    report.backend = choice.name
+    return wrapped
 
 
 def _with_cuda_graphs(fast: nn.Module, device: torch.device, report: AccelerateReport) -> nn.Module:

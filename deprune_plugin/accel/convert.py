@@ -150,7 +150,8 @@ def plan_edits(fast: nn.Module, trace: Trace, chains: dict[nn.Conv2d, Chain], *,
                          backend=backend, group_size=group_size, tile=tile, label=name)
         swaps: list[tuple[str, nn.Module]] = [(name, new)]
         if ch.bn is not None:
-            swaps.append((names[ch.bn], unfused if (unfused is not None and ch.inner_act is not None) else nn.Identity()))
+            keep_act = unfused is not None and ch.inner_act is not None
+            swaps.append((names[ch.bn], unfused if keep_act else nn.Identity()))
         if ch.act is not None and unfused is None:
             swaps.append((names[ch.act], nn.Identity()))
         parts = [f"{int(keep.sum())}/{keep.numel()} taps kept"]

@@ -14,6 +14,13 @@ that takes and returns torch tensors.
 
 Both run fp32; another input dtype is cast to fp32 and the output cast back. Gradients, tracing, ONNX
 export and ``torch.compile`` use the eager torch model (:attr:`RuntimeModel.eager`).
+
+Which runner is fastest depends on the input's shape (measured on MobileNetV2, 2 cores: OpenVINO at batch 1,
+ONNX Runtime at batch 32), so a :class:`RuntimeModel` holding several runtimes chooses **per input
+signature**, on first use, with the same checked measurement as the CUDA kernels
+(:class:`~deprune_plugin.kernels.dispatch.KernelDispatcher`): every runtime's output is compared with the
+eager torch model's (dtype-aware tolerance), one that disagrees or raises is dropped with a warning, and the
+fastest of the rest (torch included) runs that signature from then on (:attr:`RuntimeModel.choices`).
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..kernels.dispatch import Choice, KernelDispatcher, dispatch_key
 
 __all__ = ["RUNTIMES", "RuntimeModel", "runtime_available", "to_onnx"]
 
@@ -152,56 +161,102 @@ def to_onnx(model: nn.Module, args: tuple, file: str | io.BytesIO | None = None,
 
 
 class RuntimeModel(nn.Module):
-    """``eager``'s forward run by a CPU runtime (see the module doc).
+    """``eager``'s forward run by one or more CPU runtimes (see the module doc).
 
     Args:
         eager: the torch inference model the ONNX graph was exported from (kept: gradients, tracing,
-            export and ``torch.compile`` run it).
-        runtime: a key of :data:`RUNTIMES`.
+            export and ``torch.compile`` run it, and it is the reference the runtimes are checked against).
+        runtimes: keys of :data:`RUNTIMES`. One: it runs every call. Several: the fastest correct runner
+            (``"torch"`` included) is chosen per input signature on first use.
         onnx: the exported graph (:func:`to_onnx`).
-        threads: the runtime's thread count.
+        threads: the runtimes' thread count.
+        select_reps: timed samples per runner when choosing.
 
-    Shapes: whatever ``eager`` takes and returns (tensors or a tuple of tensors), any batch and (for 4-D
+    Shapes: whatever ``eager`` takes and returns (a tensor or a tuple of tensors), any batch and (for 4-D
     inputs) spatial size.
     """
 
-    def __init__(self, eager: nn.Module, runtime: str, onnx: bytes, threads: int) -> None:
+    def __init__(self, eager: nn.Module, runtimes: Sequence[str], onnx: bytes, threads: int,
+                 select_reps: int = 5) -> None:
         super().__init__()
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {tuple(RUNTIMES)}, got {runtime!r}")
+        runtimes = (runtimes,) if isinstance(runtimes, str) else tuple(runtimes)
+        bad = [r for r in runtimes if r not in RUNTIMES]
+        if not runtimes or bad:
+            raise ValueError(f"runtime must be one of {tuple(RUNTIMES)}, got {list(runtimes)!r}")
         self.eager = eager
-        self.runtime = runtime
+        self.runtimes = runtimes
         self.onnx = onnx
         self.threads = int(threads)
-        self.__dict__["_session"] = None  # not a module attribute: rebuilt after copies and loads
+        self.select_reps = int(select_reps)
+        self.choices: dict[tuple, str] = {}  # dispatch key -> runner, when several runtimes are held
+        # native sessions and the dispatcher are not module state: rebuilt after copies and loads
+        self.__dict__["_sessions"] = {}
+        self.__dict__["_dispatcher"] = None
+
+    @property
+    def runtime(self) -> str:
+        """The runtime used when there is one; with several, the one chosen most recently (or the first)."""
+        return next(reversed(self.choices.values()), self.runtimes[0]) if len(self.runtimes) > 1 else self.runtimes[0]
 
     def extra_repr(self) -> str:
-        return f"runtime={self.runtime}, threads={self.threads}, onnx={len(self.onnx)} bytes"
+        return f"runtimes={self.runtimes}, threads={self.threads}, onnx={len(self.onnx)} bytes"
 
-    def session(self) -> _Session:
-        """The compiled runtime session (built on first use)."""
-        if self.__dict__.get("_session") is None:
-            self.__dict__["_session"] = RUNTIMES[self.runtime].build(self.onnx, self.threads)
-        return self.__dict__["_session"]
+    def session(self, name: str) -> _Session:
+        """The compiled session of runtime ``name`` (built on first use)."""
+        sessions = self.__dict__.setdefault("_sessions", {})
+        if name not in sessions:
+            sessions[name] = RUNTIMES[name].build(self.onnx, self.threads)
+        return sessions[name]
+
+    def run_runtime(self, name: str, *args: torch.Tensor) -> Any:
+        """One call through runtime ``name`` (fp32 inside; floating outputs in the first input's dtype)."""
+        dtype = args[0].dtype
+        arrays = [np.ascontiguousarray(a.detach().float().numpy()) for a in args]
+        outs = [torch.from_numpy(np.asarray(o)) for o in self.session(name).run(arrays)]
+        outs = [o.to(dtype) if o.is_floating_point() and dtype.is_floating_point else o for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def dispatcher(self) -> KernelDispatcher:
+        """Per-signature choice among ``"torch"`` (the reference) and the runtimes."""
+        if self.__dict__.get("_dispatcher") is None:
+            runners = {"torch": lambda *a: self.eager(*a)}
+            runners.update({r: (lambda *a, r=r: self.run_runtime(r, *a)) for r in self.runtimes})
+            d = KernelDispatcher(runners, reference="torch", warmup=1, reps=self.select_reps, calls_per_sample=1,
+                                 label="CPU runtimes")
+            for key, name in self.choices.items():
+                d.restore(key, name)
+            self.__dict__["_dispatcher"] = d
+        return self.__dict__["_dispatcher"]
+
+    def select(self, *args: torch.Tensor) -> Choice:
+        """Check and time the runners on ``args`` (once per signature) and return the :class:`Choice`."""
+        choice = self.dispatcher().select(*args)
+        self.choices[self._key(args)] = choice.name
+        return choice
+
+    @staticmethod
+    def _key(args: tuple) -> tuple:
+        return tuple(dispatch_key(a) for a in args)
 
     def _runs_eagerly(self, args: tuple) -> bool:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return True
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if len(tensors) != len(args) or any(t.device.type != "cpu" for t in tensors):
+        if not tensors or len(tensors) != len(args) or any(t.device.type != "cpu" for t in tensors):
             return True
         return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
     def forward(self, *args: Any) -> Any:
         if self._runs_eagerly(args):
             return self.eager(*args)
-        dtype = args[0].dtype
-        arrays = [np.ascontiguousarray(a.detach().float().numpy()) for a in args]
-        outs = [torch.from_numpy(np.asarray(o)) for o in self.session().run(arrays)]
-        outs = [o.to(dtype) if o.is_floating_point() and dtype.is_floating_point else o for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        if len(self.runtimes) == 1:
+            return self.run_runtime(self.runtimes[0], *args)
+        name = self.choices.get(self._key(args))
+        if name is None:
+            name = self.select(*args).name
+        return self.eager(*args) if name == "torch" else self.run_runtime(name, *args)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_session"] = None  # native sessions do not pickle or deepcopy
+        state["_sessions"], state["_dispatcher"] = {}, None  # native sessions do not pickle or deepcopy
         return state

@@ -3,7 +3,8 @@
 What is measured:
 
 - CPU: wall time of ``reps`` back-to-back calls (``time.perf_counter``), divided by ``reps``.
-- CUDA, ``clock="device"`` (kernel selection): **device time**, free of host launch overhead. The current stream is first given a sleep kernel
+- CUDA, ``clock="device"`` (kernel selection): **device time**, free of host launch overhead. The current
+  stream is first given a sleep kernel
   long enough that the ``reps`` calls are all queued behind it; events recorded after the sleep and after
   the last call then bracket kernels that run back to back with the GPU kept busy (an idle GPU between
   synchronised calls would otherwise count the Python launch cost as kernel time). The host time of

@@ -34,7 +34,8 @@ from ..core.probe import probe_structure
 from ..core.summary import LayerRow, Summary
 from .adapters import run_fixups
 from .importance import DEPruneImportance
-from .limits import DW_ONLY_HINT, GROUP_STEP_LIMIT, GroupSearchTooLong, TorchPruningFailure, bounded_groups, failure_from
+from .limits import (DW_ONLY_HINT, GROUP_STEP_LIMIT, GroupSearchTooLong, TorchPruningFailure, bounded_groups,
+                     failure_from)
 from .structure import DEPruneStructure, DSConvBlock, analyse, find_depthwise
 
 VARIANTS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "B": (True, False), "BH": (True, True)}
@@ -176,7 +177,8 @@ class DEPruner(tp.pruner.BasePruner):
                 raise TypeError(f"{bad} is not a DEPruner argument: use pw_pruning_ratio (PW) / dw_pruning_ratio (DW)")
         unknown = sorted(set(tp_kwargs) - _BASE_ARGS)
         if unknown:
-            raise TypeError(f"DEPruner got unexpected keyword argument(s) {unknown} (neither DEPruner's nor BasePruner's)")
+            raise TypeError(f"DEPruner got unexpected keyword argument(s) {unknown} "
+                            "(neither DEPruner's nor BasePruner's)")
         dw_pruning_ratio = check_ratio(dw_pruning_ratio, "dw_pruning_ratio")
         pw_pruning_ratio = check_ratio(pw_pruning_ratio, "pw_pruning_ratio")
         if not isinstance(variant, str) or variant not in VARIANTS:
@@ -358,7 +360,7 @@ class DEPruner(tp.pruner.BasePruner):
 
     def _prune(self):
         if self.current_step > self.iterative_steps:
-            warnings.warn("Pruning exceed the maximum iterative steps, no pruning will be performed.")
+            warnings.warn("Pruning exceed the maximum iterative steps, no pruning will be performed.", stacklevel=2)
             return
         # Collect the PW plan first: HSR on PW ranks all groups before any is pruned. Groups are disjoint
         # channel sets, so each is rebuilt lazily against the current shapes when its turn comes.
@@ -464,7 +466,8 @@ class DEPruner(tp.pruner.BasePruner):
             keep = mask if mask is not None else torch.ones_like(m.weight, dtype=torch.bool)
             kept = kept_per_range(keep, self.group_size)
             taps = m.weight[0].numel()
-            bounds = [min(self.group_size, m.weight.shape[0] - s) * taps for s in range(0, m.weight.shape[0], self.group_size)]
+            channels = m.weight.shape[0]
+            bounds = [min(self.group_size, channels - s) * taps for s in range(0, channels, self.group_size)]
             real = min(1 - k / n for k, n in zip(kept, bounds)) if kept else 0.0
             d = self._dw_hsr.get(m)
             rows.append(LayerRow(
