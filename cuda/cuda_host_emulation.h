@@ -3,10 +3,22 @@
 //
 // Model: a launch runs the grid's blocks ONE AT A TIME on blockDim.x*y*z OS threads created once per
 // launch. Every thread loops over all blocks; a barrier separates consecutive blocks, so `__shared__`
-// variables (mapped to function-local statics, shared by all threads) are reused safely. __syncthreads()
-// is a std::barrier over the block's threads (the same one as the block boundary). A kernel in which some
-// threads skip a __syncthreads (e.g. an early return) is invalid CUDA; here it desynchronises the barrier
-// phases and the launch hangs at its last barrier instead of silently passing.
+// variables (function-local statics, shared by all threads) are reused safely. __syncthreads() is a
+// std::barrier over the block's threads. A kernel in which some threads skip a __syncthreads (e.g. an early
+// return) is invalid CUDA; here the launch hangs at a barrier instead of silently passing.
+//
+// What a GPU would catch or leave undefined, the emulation makes visible:
+// - Shared memory is POISONED before every block: every byte of the static `__shared__` arrays and of the
+//   dynamic buffer is 0xFF (a float NaN, an int -1), so reading shared memory no thread of the block wrote
+//   gives NaN in the output instead of the zeros or stale values a GPU may happen to leave there.
+// - Static `__shared__` arrays live in the linker section "deprune_shared" (that is how they are found and
+//   poisoned); deprune_plugin/kernels/emulation.py reads their sizes from the built library's symbol table.
+// - A launch is refused (std::runtime_error, nothing runs) where CUDA refuses it: a block dimension or the
+//   grid beyond the CUDA limits (block x, y <= 1024, z <= 64, threads <= 1024; grid x < 2^31, y, z <= 65535,
+//   no dimension 0), more threads than the kernel's __launch_bounds__ (the macro records the bound for the
+//   kernel it annotates), or more static + dynamic shared memory than the target allows (LaunchLimits).
+// - The dynamic shared memory buffer is a heap block of exactly the requested size, so an AddressSanitizer
+//   build (emulation.py, sanitize=True) reports reads or writes past it, as it does for global memory.
 //
 // Never included by nvcc/NVRTC builds: the .cu files include it only when __CUDACC__ is undefined.
 #pragma once
@@ -23,8 +35,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -36,10 +50,33 @@
 #ifndef __restrict__
 #define __restrict__ __restrict
 #endif
-// Function-local statics are shared by all threads of the launch; blocks run one at a time.
-#define __shared__ static
-#define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+// Static shared arrays: function-local statics (shared by all threads of the launch; blocks run one at a
+// time), kept ("used": the byte count is what the kernel declares, even if the optimiser drops an unread
+// array) in one named section, whose bounds the linker provides as __start_/__stop_deprune_shared.
+// Dynamic shared memory goes through DEPRUNE_DYNAMIC_SMEM below, never `extern __shared__`.
+#define __shared__ static __attribute__((used, section("deprune_shared")))
+#define __align__(n) __attribute__((aligned(n)))
+
+// __launch_bounds__(max_threads[, min_blocks[, max_cluster]]) sits between `extern "C" __global__ void` and
+// the kernel's name. It ends that declaration (as a dummy function), records max_threads together with the
+// bounds of a linker section of its own (deprune_lb_<n>), and reopens the declaration with the kernel placed
+// in that section: emu_launch finds the kernel's bound by its address. The kernel gets C linkage (every
+// kernel of cuda/ is `extern "C"`); a template kernel cannot carry __launch_bounds__ here.
+#define DEPRUNE_EMU_CAT_(a, b) a##b
+#define DEPRUNE_EMU_CAT(a, b) DEPRUNE_EMU_CAT_(a, b)
+#define DEPRUNE_EMU_STR_(a) #a
+#define DEPRUNE_EMU_STR(a) DEPRUNE_EMU_STR_(a)
+#define __launch_bounds__(...) DEPRUNE_EMU_LAUNCH_BOUNDS_(__COUNTER__, __VA_ARGS__)
+#define DEPRUNE_EMU_LAUNCH_BOUNDS_(id, max_threads, ...)                                                      \
+    DEPRUNE_EMU_CAT(deprune_emu_bounds_decl_, id)();                                                           \
+    extern "C" const unsigned char DEPRUNE_EMU_CAT(__start_deprune_lb_, id)[]                                  \
+        __attribute__((weak, visibility("hidden")));                                                           \
+    extern "C" const unsigned char DEPRUNE_EMU_CAT(__stop_deprune_lb_, id)[]                                   \
+        __attribute__((weak, visibility("hidden")));                                                           \
+    [[maybe_unused]] static const bool DEPRUNE_EMU_CAT(deprune_emu_bounds_recorded_, id) =                    \
+        deprune_emu::record_launch_bounds(DEPRUNE_EMU_CAT(__start_deprune_lb_, id),                            \
+                                          DEPRUNE_EMU_CAT(__stop_deprune_lb_, id), (max_threads));             \
+    extern "C" void __attribute__((section("deprune_lb_" DEPRUNE_EMU_STR(id))))
 
 // ---- math: expf/erff/fminf/fmaxf come from <math.h>; CUDA's integer min/max overloads: -----------
 using std::max;
@@ -60,14 +97,126 @@ inline thread_local uint3 blockIdx{0, 0, 0};
 inline dim3 blockDim;
 inline dim3 gridDim;
 
+// Bounds of the static shared arrays' section (null when the translation unit declares none).
+extern "C" unsigned char __start_deprune_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" unsigned char __stop_deprune_shared[] __attribute__((weak, visibility("hidden")));
+
 namespace deprune_emu {
-inline std::barrier<>* g_block_barrier = nullptr;
+inline std::barrier<>* g_sync_barrier = nullptr;
 inline unsigned char* g_dynamic_smem = nullptr;
 // Launches share the globals above, so they are serialised (ctypes callers may be concurrent).
 inline std::mutex g_launch_mutex;
+
+// CUDA's launch limits (the same on every architecture since sm_30).
+constexpr unsigned long long kMaxThreadsPerBlock = 1024;
+constexpr unsigned long long kMaxBlockDim[3] = {1024, 1024, 64};
+constexpr unsigned long long kMaxGridDim[3] = {2147483647ull, 65535, 65535};
+
+// Shared memory a launch may use. A kernel gets `smem_per_block` (48 KB) unless it opts in; like
+// deprune_plugin/kernels/cupy_launch.py, a launch asking for more dynamic shared memory than that counts as
+// opted in, and may then use up to `smem_per_block_optin` (the device's maximum; equal to smem_per_block
+// means "no opt-in", the default of the emulation). `static_smem` is the kernel's static __shared__ bytes.
+struct LaunchLimits {
+    unsigned long long smem_per_block = 48 * 1024;
+    unsigned long long smem_per_block_optin = 48 * 1024;
+    unsigned long long static_smem = 0;
+};
+
+// Bytes spanned by the static __shared__ arrays of this translation unit, alignment padding included.
+inline unsigned long long static_smem_span() {
+    return __start_deprune_shared == nullptr ? 0ull
+                                             : static_cast<unsigned long long>(__stop_deprune_shared -
+                                                                               __start_deprune_shared);
+}
+
+inline void poison_shared(unsigned char* dynamic, std::size_t dynamic_bytes) {
+    if (__start_deprune_shared != nullptr)
+        std::memset(__start_deprune_shared, 0xFF, static_cast<std::size_t>(static_smem_span()));
+    if (dynamic_bytes != 0) std::memset(dynamic, 0xFF, dynamic_bytes);
+}
+
+// Runs between blocks (std::barrier completion: after every thread finished block b, before any starts
+// block b + 1).
+struct PoisonShared {
+    unsigned char* dynamic;
+    std::size_t dynamic_bytes;
+    void operator()() noexcept { poison_shared(dynamic, dynamic_bytes); }
+};
+
+// ---- __launch_bounds__ registry (one per translation unit, filled while the library loads) ----------
+struct LaunchBound {
+    std::uintptr_t begin, end;  // code range of the kernel's section
+    unsigned long long max_threads;
+};
+inline std::vector<LaunchBound>& launch_bounds() {
+    static std::vector<LaunchBound> bounds;
+    return bounds;
+}
+inline bool record_launch_bounds(const unsigned char* begin, const unsigned char* end, long long max_threads) {
+    launch_bounds().push_back({reinterpret_cast<std::uintptr_t>(begin), reinterpret_cast<std::uintptr_t>(end),
+                               static_cast<unsigned long long>(max_threads < 0 ? 0 : max_threads)});
+    return true;
+}
+// The __launch_bounds__ max_threads of the kernel at `fn`, or 0 when it declares none.
+inline unsigned long long launch_bound_of(const void* fn) {
+    const auto addr = reinterpret_cast<std::uintptr_t>(fn);
+    for (const LaunchBound& b : launch_bounds())
+        if (b.begin != 0 && addr >= b.begin && addr < b.end) return b.max_threads;
+    return 0;
+}
+
+inline std::string dims_str(dim3 d) {
+    return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
+}
+
+// Throws std::runtime_error naming the limit when CUDA would refuse this launch.
+inline void check_launch(const void* kernel, dim3 grid, dim3 block, std::size_t smem_bytes,
+                         const LaunchLimits& limits) {
+    const unsigned long long b[3] = {block.x, block.y, block.z};
+    const unsigned long long g[3] = {grid.x, grid.y, grid.z};
+    const char* axis[3] = {"x", "y", "z"};
+    for (int i = 0; i < 3; ++i) {
+        if (b[i] == 0 || g[i] == 0)
+            throw std::runtime_error("invalid configuration: grid " + dims_str(grid) + " and block " +
+                                     dims_str(block) + " must have every dimension >= 1");
+        if (b[i] > kMaxBlockDim[i])
+            throw std::runtime_error(std::string("block.") + axis[i] + " = " + std::to_string(b[i]) +
+                                     " exceeds the CUDA limit of " + std::to_string(kMaxBlockDim[i]));
+        if (g[i] > kMaxGridDim[i])
+            throw std::runtime_error(std::string("grid.") + axis[i] + " = " + std::to_string(g[i]) +
+                                     " exceeds the CUDA limit of " + std::to_string(kMaxGridDim[i]));
+    }
+    const unsigned long long nthreads = b[0] * b[1] * b[2];
+    if (nthreads > kMaxThreadsPerBlock)
+        throw std::runtime_error("block " + dims_str(block) + " has " + std::to_string(nthreads) +
+                                 " threads; CUDA allows at most " + std::to_string(kMaxThreadsPerBlock) +
+                                 " threads per block");
+    const unsigned long long bound = launch_bound_of(kernel);
+    if (bound != 0 && nthreads > bound)
+        throw std::runtime_error("block " + dims_str(block) + " has " + std::to_string(nthreads) +
+                                 " threads, more than the kernel's __launch_bounds__(" + std::to_string(bound) +
+                                 ") (too many resources requested for launch)");
+    const unsigned long long stat = limits.static_smem;
+    const unsigned long long dyn = smem_bytes;
+    if (stat > limits.smem_per_block)
+        throw std::runtime_error("static shared memory of " + std::to_string(stat) + " bytes exceeds the " +
+                                 std::to_string(limits.smem_per_block) + " bytes a kernel may declare statically");
+    const bool opted_in = dyn > limits.smem_per_block && limits.smem_per_block_optin > limits.smem_per_block;
+    const unsigned long long limit = opted_in ? limits.smem_per_block_optin : limits.smem_per_block;
+    if (stat + dyn > limit) {
+        std::string what = "shared memory per block: static " + std::to_string(stat) + " + dynamic " +
+                           std::to_string(dyn) + " = " + std::to_string(stat + dyn) + " bytes exceeds ";
+        if (opted_in)
+            what += "the opt-in maximum of " + std::to_string(limit) + " bytes of the emulated target";
+        else
+            what += "the " + std::to_string(limit) + " bytes a kernel gets without opt-in" +
+                    (dyn > limits.smem_per_block ? " (the emulated target allows no opt-in)" : "");
+        throw std::runtime_error(what);
+    }
+}
 }  // namespace deprune_emu
 
-inline void __syncthreads() { deprune_emu::g_block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { deprune_emu::g_sync_barrier->arrive_and_wait(); }
 
 // Dynamic shared memory: under nvcc the .cu defines this macro as an `extern __shared__` array.
 #define DEPRUNE_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(deprune_emu::g_dynamic_smem)
@@ -154,21 +303,26 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); 
 // ---- launcher ---------------------------------------------------------------------------------
 // Runs kernel<<<grid, block, smem_bytes>>>(args...) synchronously. Arguments are converted to the
 // kernel's parameter types (e.g. void* -> const float*), which lets generated wrappers pass untyped
-// pointers. Throws std::runtime_error on invalid geometry. The kernels never throw (an exception
-// escaping a worker thread terminates the process, as a device trap would abort the context).
+// pointers. Throws std::runtime_error, before running anything, when CUDA would refuse the launch
+// (deprune_emu::check_launch). The kernels never throw (an exception escaping a worker thread terminates
+// the process, as a device trap would abort the context).
 template <class... Params, class... Args>
-void emu_launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem_bytes, Args... args) {
+void emu_launch(const deprune_emu::LaunchLimits& limits, void (*kernel)(Params...), dim3 grid, dim3 block,
+                std::size_t smem_bytes, Args... args) {
     static_assert(sizeof...(Params) == sizeof...(Args), "emu_launch: argument count mismatch");
+    deprune_emu::check_launch(reinterpret_cast<const void*>(kernel), grid, block, smem_bytes, limits);
     const unsigned long long nthreads = 1ull * block.x * block.y * block.z;
-    const unsigned long long nblocks = 1ull * grid.x * grid.y * grid.z;
-    if (nthreads == 0 || nthreads > 1024) throw std::runtime_error("emu_launch: block must have 1..1024 threads");
-    if (nblocks == 0) return;
 
     std::lock_guard<std::mutex> lock(deprune_emu::g_launch_mutex);
-    std::vector<unsigned char> smem(smem_bytes + 16, 0);
-    std::barrier<> barrier(static_cast<std::ptrdiff_t>(nthreads));
-    deprune_emu::g_block_barrier = &barrier;
-    deprune_emu::g_dynamic_smem = smem.data();
+    // Exactly the requested bytes (16-byte aligned, like CUDA's dynamic shared memory): ASan builds report
+    // any access past the end.
+    std::unique_ptr<unsigned char[]> smem(new unsigned char[smem_bytes == 0 ? 0 : smem_bytes]);
+    deprune_emu::poison_shared(smem.get(), smem_bytes);  // before block 0; the barrier redoes it between blocks
+    std::barrier<> sync_barrier(static_cast<std::ptrdiff_t>(nthreads));
+    std::barrier<deprune_emu::PoisonShared> block_barrier(static_cast<std::ptrdiff_t>(nthreads),
+                                                          deprune_emu::PoisonShared{smem.get(), smem_bytes});
+    deprune_emu::g_sync_barrier = &sync_barrier;
+    deprune_emu::g_dynamic_smem = smem.get();
     blockDim = block;
     gridDim = grid;
 
@@ -179,9 +333,9 @@ void emu_launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t sm
                 for (unsigned int bx = 0; bx < grid.x; ++bx) {
                     blockIdx = uint3{bx, by, bz};
                     kernel(static_cast<Params>(args)...);
-                    // Block boundary: nobody starts the next block (and rewrites shared memory)
-                    // before every thread has finished this one.
-                    barrier.arrive_and_wait();
+                    // Block boundary: nobody starts the next block before every thread has finished this
+                    // one; the completion step poisons shared memory for the next block.
+                    block_barrier.arrive_and_wait();
                 }
     };
 
@@ -192,6 +346,14 @@ void emu_launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t sm
             for (unsigned int tx = 0; tx < block.x; ++tx) threads.emplace_back(worker, tx, ty, tz);
     for (auto& t : threads) t.join();
 
-    deprune_emu::g_block_barrier = nullptr;
+    deprune_emu::g_sync_barrier = nullptr;
     deprune_emu::g_dynamic_smem = nullptr;
+}
+
+// Default limits: 48 KB without opt-in, static shared memory measured from this translation unit's section.
+template <class... Params, class... Args>
+void emu_launch(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem_bytes, Args... args) {
+    deprune_emu::LaunchLimits limits;
+    limits.static_smem = deprune_emu::static_smem_span();
+    emu_launch(limits, kernel, grid, block, smem_bytes, args...);
 }

@@ -1,5 +1,6 @@
 """Kernels for tap-pruned depth-wise convs: weight formats, launchers, dispatch. Knows nothing of pruning
-beyond a keep mask; imports :mod:`deprune_plugin.core` only (never ``accel`` or ``tp``).
+beyond a keep mask; imports :mod:`deprune_plugin.core` only (never ``accel`` or ``tp_glue``, hence never
+torch-pruning); may be imported by ``accel``, ``app`` and the package root.
 
 - :mod:`.formats`: :class:`CompactTaps` (per-channel CSR of kept taps) and :class:`DRColumns` (the kept DR
   sub-GEMM columns per balanced range), built once from a weight and a mask.
