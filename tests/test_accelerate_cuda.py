@@ -11,18 +11,10 @@ from deprune_plugin import DEPruner, accelerate
 from deprune_plugin.accel import AccelerateConfig, FastDWConv
 from deprune_plugin.accel.graphs import CUDAGraphModel
 from deprune_plugin.core.zoo import build_model, classifier_of
-from deprune_plugin.kernels import cupy_available
 
+from cuda_env import CUDA_MARKS
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    ok, why = cupy_available()
-    return None if ok else why
-
-
-_REASON = _skip_reason()
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+pytestmark = CUDA_MARKS
 
 
 def _pruned(dtype=torch.float16):

@@ -304,3 +304,22 @@ def test_threads_calling_a_layer_first_share_one_dispatcher(monkeypatch):
     for t in threads:
         t.join()
     assert len(got) == 4 and all(d is got[0] for d in got)
+
+
+def test_a_gap_before_each_sample_is_idle_time_not_timed(monkeypatch):
+    """gap_s sleeps before every timed sample (round-robin order kept) and is not part of any timing."""
+    import deprune_plugin.core.timing as timing
+    import deprune_plugin.kernels.dispatch as dispatch
+
+    slept: list[float] = []
+    order: list[str] = []
+    monkeypatch.setattr(dispatch.time, "sleep", lambda s: slept.append(s))
+    monkeypatch.setattr(timing.time, "sleep", lambda s: slept.append(s))
+    d = dispatch.KernelDispatcher({"a": lambda x: order.append("a") or x, "b": lambda x: order.append("b") or x},
+                                  warmup=0, reps=3, calls_per_sample=1, check=False, gap_s=0.005)
+    d.select(torch.zeros(2))
+    assert slept == [0.005] * 6
+    assert order[2:] == ["a", "b"] * 3  # after one check call each: samples taken round-robin
+    slept.clear()
+    t = timing.interleaved_medians({"x": lambda: None, "y": lambda: None}, reps=4, warmup=0, gap_s=0.01)
+    assert slept == [0.01] * 8 and all(v < 0.01 for v in t.values())

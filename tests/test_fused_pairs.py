@@ -3,21 +3,18 @@ checked against each other, and the report. The fused kernel itself is stood in 
 its emulation tests live with the kernel."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deprune_plugin import DEPruner, accelerate
 from deprune_plugin import kernels as kernels_pkg
 from deprune_plugin.accel import FastDWConv
 from deprune_plugin.accel.fused import FusedDSConv, plan_pair_edits
 from deprune_plugin.accel.selfcheck import check_inputs, verify_edits
-from deprune_plugin.core.zoo import build_model, classifier_of
 from deprune_plugin.kernels.activations import apply_activation
 from deprune_plugin.kernels.dispatch import KernelDispatcher
+from zoo_models import pruned_accelerated
 
 
 def reference_fused(x, taps, dw_bias, pw_weight, pw_bias, *, stride, padding, dilation, act, backend,
@@ -31,14 +28,7 @@ def reference_fused(x, taps, dw_bias, pw_weight, pw_bias, *, stride, padding, di
 
 
 def _accelerated(name="mobilenetv2_050", se=False):
-    m = build_model("timm", "mobilenetv3_small_050" if se else name, num_classes=10)
-    x = torch.randn(2, 3, 48, 48)
-    DEPruner(m, x, dw_pruning_ratio=0.6, pw_pruning_ratio=0.25, ignored_layers=[classifier_of(m)]).step()
-    m.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fast = accelerate(m, backend="torch", example_inputs=x[:1])
-    return m, fast, x[:1]
+    return pruned_accelerated("mobilenetv3_small_050" if se else name, pw_pruning_ratio=0.25)
 
 
 def _use_kernels(fast):

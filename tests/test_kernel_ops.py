@@ -2,18 +2,16 @@
 accelerated model whose layers chose kernels compiling in one graph (torch.compile fullgraph, torch.export)."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deprune_plugin import DEPruner, accelerate
 from deprune_plugin.accel import FastDWConv
-from deprune_plugin.core.zoo import build_model, classifier_of
 from deprune_plugin.kernels import ops  # noqa: F401 - registers torch.ops.deprune
 from deprune_plugin.kernels.dispatch import dispatch_key
 from deprune_plugin.kernels.formats import CompactTaps, DRColumns
+from zoo_models import pruned_accelerated
 
 
 def _problem(channels_last: bool, seed: int = 0):
@@ -55,13 +53,8 @@ def test_opcheck_schema_fake_and_dispatch(channels_last):
 
 def _accelerated_with_choices(kernel: str):
     """A small pruned model, accelerated, whose DW layers use ``kernel`` for the test input's signature."""
-    m = build_model("timm", "mobilenetv3_small_050", num_classes=10)
-    x = torch.randn(2, 3, 48, 48)
-    DEPruner(m, x, dw_pruning_ratio=0.6, pw_pruning_ratio=0.0, ignored_layers=[classifier_of(m)]).step()
-    m.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fast = accelerate(m, backend="torch", example_inputs=x[:1])
+    m, fast, x = pruned_accelerated("mobilenetv3_small_050", pw_pruning_ratio=0.0)
+    x = torch.cat([x, torch.randn_like(x)])  # batch 2: the tests' signature, not the example's
     sizes = {}
     def record(mod, args):
         sizes.setdefault(mod, dispatch_key(args[0]))

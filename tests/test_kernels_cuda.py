@@ -9,18 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from deprune_plugin.kernels.formats import CompactTaps, DRColumns
-from deprune_plugin.kernels import cupy_available, dw_direct, dw_dr
+from deprune_plugin.kernels import dw_direct, dw_dr
 
+from cuda_env import CUDA_MARKS
 
-def _skip_reason() -> str | None:
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    ok, why = cupy_available()
-    return None if ok else why
-
-
-_REASON = _skip_reason()
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+pytestmark = CUDA_MARKS
 
 ACT_FNS = {"identity": lambda t: t, "relu": F.relu, "relu6": F.relu6, "silu": F.silu,
            "hardswish": F.hardswish, "gelu": F.gelu}

@@ -277,12 +277,15 @@ def _choose_cpu_runtime(fast: nn.Module, example_inputs: tuple, inputs: list, ru
         export_error = ""
     except Exception as e:  # noqa: BLE001 - a model ONNX cannot express stays on the torch path, with the reason
         onnx, export_error = None, f"ONNX export failed: {type(e).__name__}: {e}"
+    # one RuntimeModel holds the sessions: each runtime is checked through it, so none is compiled twice
+    wrapped = None if onnx is None else RuntimeModel(fast, runtimes, onnx, torch.get_num_threads(),
+                                                     select_reps=config.select_reps).eval()
     passed = []
     for name in runtimes:
         try:
-            if onnx is None:
+            if wrapped is None:
                 raise RuntimeError(export_error)
-            ok, why = outputs_agree(RuntimeModel(fast, [name], onnx, torch.get_num_threads()).eval(), inputs)
+            ok, why = outputs_agree(lambda *a, name=name: wrapped.run_runtime(name, *a), inputs)
         except Exception as e:  # noqa: BLE001 - a runtime that cannot build or run the graph is dropped
             ok, why = False, f"{type(e).__name__}: {e}"
         if ok:
@@ -300,7 +303,9 @@ def _choose_cpu_runtime(fast: nn.Module, example_inputs: tuple, inputs: list, ru
             report.fallback_reason = f"{runtimes[0]}: {dropped[runtimes[0]]}"
         report.backend = "torch"
         return fast
-    wrapped = RuntimeModel(fast, passed, onnx, torch.get_num_threads(), select_reps=config.select_reps).eval()
+    wrapped.runtimes = tuple(passed)
+    for name in set(runtimes) - set(passed):
+        wrapped.__dict__["_sessions"].pop(name, None)  # a dropped runtime's compiled graphs are not kept
     if explicit:
         report.backend = passed[0]
         return wrapped

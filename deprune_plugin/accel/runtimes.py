@@ -221,8 +221,8 @@ class RuntimeModel(nn.Module):
         if self.__dict__.get("_dispatcher") is None:
             runners = {"torch": lambda *a: self.eager(*a)}
             runners.update({r: (lambda *a, r=r: self.run_runtime(r, *a)) for r in self.runtimes})
-            d = KernelDispatcher(runners, reference="torch", warmup=1, reps=self.select_reps, calls_per_sample=1,
-                                 label="CPU runtimes")
+            d = KernelDispatcher(runners, reference="torch", warmup=2, reps=self.select_reps, calls_per_sample=1,
+                                 label="CPU runtimes", gap_s=0.005)
             for key, name in self.choices.items():
                 d.restore(key, name)
             self.__dict__["_dispatcher"] = d

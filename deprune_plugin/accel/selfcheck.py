@@ -60,8 +60,9 @@ def _shape(args: tuple) -> str:
     return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def outputs_agree(model: nn.Module, inputs: Sequence[CheckInput]) -> tuple[bool, str]:
-    """``(True, "")`` when ``model`` reproduces every expected output, else ``(False, reason)``."""
+def outputs_agree(model: Callable[..., Any], inputs: Sequence[CheckInput]) -> tuple[bool, str]:
+    """``(True, "")`` when ``model`` (a module or any callable) reproduces every expected output, else
+    ``(False, reason)``."""
     with torch.no_grad():
         for item in inputs:
             try:

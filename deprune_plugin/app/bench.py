@@ -2,7 +2,8 @@
 
 Each model is pruned DEPrune-BH at the paper's Table 4 ratios, from the same random weights as its unpruned
 twin. For every batch size all runners are timed **interleaved in one process** (A, B, C, A, B, C, ...)
-and medians compared, so drift and other load hit every runner alike.
+and medians compared, so drift and other load hit every runner alike; on a CPU each timed call follows a
+10 ms idle gap, so no runner pays for the threads of the one timed before it.
 
 - CPU: unpruned eager NCHW; the unpruned and the pruned model under each installed CPU runtime (OpenVINO;
   ONNX Runtime with thread spinning off), each built by ``accelerate(model, backend=runtime)`` (BN folded,
@@ -34,6 +35,10 @@ PAPER_RATIOS = {"mobilenetv2_100": (0.779, 0.527), "efficientnet_b0": (0.847, 0.
                 "mobilenetv3_small_100": (0.821, 0.700), "mobilenetv3_large_100": (0.770, 0.430)}
 
 UNPRUNED_EAGER = "unpruned eager NCHW"
+# Idle time before each timed CPU call: without it the runner timed right after a torch runner paid for
+# torch's still-spinning OpenMP threads (~2 ms at batch 1, measured: OpenVINO 5.2 ms there vs 3.4 ms after
+# another OpenVINO runner).
+CPU_GAP_S = 0.01
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
             x = torch.randn(bs, 3, args.image_size, args.image_size, device=device)
             calls: dict[str, Callable[[], object]] = {k: (lambda m=m, x=x: m(x)) for k, m in runners.items()}
             t = interleaved_medians(calls, reps=args.reps, warmup=3, device=device, quiet=args.quiet,
-                                    desc=f"{name} bs{bs}")
+                                    desc=f"{name} bs{bs}", gap_s=0.0 if cuda else CPU_GAP_S)
             base = t[UNPRUNED_EAGER]
             entry = {"model": name, "dw": dw, "pw": pw, "batch": bs, "ms": {k: v * 1e3 for k, v in t.items()},
                      "speedup": {k: base / v for k, v in t.items()},

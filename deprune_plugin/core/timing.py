@@ -81,7 +81,7 @@ def time_call(fn: Callable[[], Any], device: torch.device | str = "cpu", reps: i
 @torch.inference_mode()
 def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: int = 30, warmup: int = 3,
                         device: torch.device | str = "cpu", quiet: bool = True,
-                        desc: str = "timing", clock: str = "wall") -> dict[str, float]:
+                        desc: str = "timing", clock: str = "wall", gap_s: float = 0.0) -> dict[str, float]:
     """Median seconds per call (``device_s``) of each candidate, measured interleaved.
 
     Args:
@@ -91,6 +91,10 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: in
         device: where the callables run.
         clock: ``"wall"`` (default: end-to-end latency) or ``"device"`` (CUDA kernel time).
         quiet: hide the progress bar.
+        gap_s: idle seconds before each timed call (not timed). On a CPU the threads of the previous
+            candidate keep spinning for a while after it returns (OpenMP wait policy, runtime thread pools)
+            and slow the next one down: a gap of a few ms lets them go to sleep, so no candidate pays for
+            the one timed before it.
     """
     from tqdm.auto import tqdm
 
@@ -105,5 +109,7 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: in
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     for _ in tqdm(range(reps), desc=desc, disable=quiet, leave=False):
         for name, fn in candidates.items():
+            if gap_s > 0:
+                time.sleep(gap_s)
             samples[name].append(time_call(fn, device, clock=clock).device_s)
     return {k: statistics.median(v) for k, v in samples.items()}

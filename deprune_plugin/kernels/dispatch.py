@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping
@@ -102,6 +103,8 @@ class KernelDispatcher:
             :func:`deprune_plugin.core.timing.time_call`. Injectable for tests.
         check: compare candidates with the reference before timing them (default True).
         label: names the layer in warnings (e.g. ``"blocks.1.0.conv_dw"``).
+        gap_s: idle seconds before each sample (CPU candidates: lets the previous one's threads stop
+            spinning, see :func:`~deprune_plugin.core.timing.interleaved_medians`).
 
     Calling the dispatcher runs the chosen candidate. :attr:`cache` maps :func:`dispatch_key` tuples to
     :class:`Choice`.
@@ -109,7 +112,7 @@ class KernelDispatcher:
 
     def __init__(self, candidates: Mapping[str, Callable[..., Any]], *, reference: str | None = None,
                  warmup: int = 2, reps: int = 5, calls_per_sample: int = 4, timer: Timer | None = None,
-                 check: bool = True, label: str = "") -> None:
+                 check: bool = True, label: str = "", gap_s: float = 0.0) -> None:
         if not candidates:
             raise ValueError("candidates must name at least one callable")
         for name, fn in candidates.items():
@@ -128,6 +131,7 @@ class KernelDispatcher:
         self.timer: Timer = timer or time_call
         self.check = check
         self.label = label
+        self.gap_s = gap_s
         self.cache: dict[tuple[Hashable, ...], Choice] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
@@ -150,23 +154,34 @@ class KernelDispatcher:
             where = f" for {self.label}" if self.label else ""
             warnings.warn(f"deprune_plugin: kernel {name!r}{where} dropped: {reason}", RuntimeWarning, stacklevel=4)
 
-    def _time(self, fn: Callable[[], Any], device: torch.device) -> CallTime:
-        for _ in range(self.warmup):
-            fn()
+    def _sample(self, fn: Callable[[], Any], device: torch.device) -> CallTime:
+        """One timed sample: ``calls_per_sample`` back-to-back calls, per-call times."""
         n = self.calls_per_sample
         if self.timer is time_call:
             # time_call queues its GPU sleep for all n calls, so the GPU stays busy through the whole sample
             # (a sleep sized for one call would let the GPU idle while Python issues the other n - 1)
-            samples = [time_call(fn, device, reps=n) for _ in range(self.reps)]
-            return CallTime(statistics.median(s.device_s for s in samples),
-                            statistics.median(s.host_s for s in samples))
+            return time_call(fn, device, reps=n)
 
         def batch() -> None:
             for _ in range(n):
                 fn()
-        samples = [_as_call_time(self.timer(batch, device)) for _ in range(self.reps)]
-        return CallTime(statistics.median(s.device_s for s in samples) / n,
-                        statistics.median(s.host_s for s in samples) / n)
+        t = _as_call_time(self.timer(batch, device))
+        return CallTime(t.device_s / n, t.host_s / n)
+
+    def _time_all(self, calls: Mapping[str, Callable[[], Any]], device: torch.device) -> dict[str, CallTime]:
+        """Median per-call time of each candidate, samples taken round-robin (A, B, C, A, B, C, ...) so that
+        drift (clocks, caches, other load) hits every candidate alike."""
+        for fn in calls.values():
+            for _ in range(self.warmup):
+                fn()
+        samples: dict[str, list[CallTime]] = {name: [] for name in calls}
+        for _ in range(self.reps):
+            for name, fn in calls.items():
+                if self.gap_s > 0:
+                    time.sleep(self.gap_s)
+                samples[name].append(self._sample(fn, device))
+        return {name: CallTime(statistics.median(s.device_s for s in ss), statistics.median(s.host_s for s in ss))
+                for name, ss in samples.items()}
 
     def select(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Choice:
         """Check and time every candidate on ``x`` (unless cached) and return the cached :class:`Choice`."""
@@ -207,12 +222,10 @@ class KernelDispatcher:
                     self._drop(dropped, name, f"disagrees with {self.reference}: {agree.reason}")
                     continue
             passed.append(name)
-        timings: dict[str, float] = {}
-        host: dict[str, float] = {}
-        for name in passed:
-            fn = self.candidates[name]
-            t = self._time(lambda fn=fn: fn(x, *args, **kwargs), x.device)
-            timings[name], host[name] = t.device_s, t.host_s
+        calls = {name: (lambda fn=self.candidates[name]: fn(x, *args, **kwargs)) for name in passed}
+        measured = self._time_all(calls, x.device)
+        timings = {name: t.device_s for name, t in measured.items()}
+        host = {name: t.host_s for name, t in measured.items()}
         best = min((n for n in self.candidates if n in timings), key=timings.__getitem__)  # first of ties
         return Choice(best, timings, host, dropped)
 
