@@ -323,3 +323,17 @@ def test_a_gap_before_each_sample_is_idle_time_not_timed(monkeypatch):
     slept.clear()
     t = timing.interleaved_medians({"x": lambda: None, "y": lambda: None}, reps=4, warmup=0, gap_s=0.01)
     assert slept == [0.01] * 8 and all(v < 0.01 for v in t.values())
+
+
+def test_a_margin_keeps_the_listed_preference_unless_a_later_candidate_is_clearly_faster():
+    def pick(costs: dict, margin: float) -> str:
+        clock = FakeClock()
+        d = KernelDispatcher(_candidates(clock, costs, {}), timer=clock.timer, margin=margin)
+        return d.select(torch.zeros(2)).name
+
+    assert pick({"dense": 1.0, "direct": 0.95}, 0.0) == "direct"  # plain fastest
+    assert pick({"dense": 1.0, "direct": 0.95}, 0.1) == "dense"   # 5% faster: within the margin
+    assert pick({"dense": 1.0, "direct": 0.85}, 0.1) == "direct"  # 15% faster: chosen
+    assert pick({"dense": 1.0, "direct": 0.95, "dr": 0.80}, 0.1) == "dr"
+    with pytest.raises(ValueError, match="margin"):
+        KernelDispatcher({"dense": lambda x: x}, margin=1.0)

@@ -105,6 +105,9 @@ class KernelDispatcher:
         label: names the layer in warnings (e.g. ``"blocks.1.0.conv_dw"``).
         gap_s: idle seconds before each sample (CPU candidates: lets the previous one's threads stop
             spinning, see :func:`~deprune_plugin.core.timing.interleaved_medians`).
+        margin: a candidate listed later must be faster than the best earlier one by more than this
+            fraction to be chosen (0: the fastest wins). Candidates whose measured times differ by less than
+            the measurement's noise then keep the listed preference instead of a coin flip.
 
     Calling the dispatcher runs the chosen candidate. :attr:`cache` maps :func:`dispatch_key` tuples to
     :class:`Choice`.
@@ -112,7 +115,7 @@ class KernelDispatcher:
 
     def __init__(self, candidates: Mapping[str, Callable[..., Any]], *, reference: str | None = None,
                  warmup: int = 2, reps: int = 5, calls_per_sample: int = 4, timer: Timer | None = None,
-                 check: bool = True, label: str = "", gap_s: float = 0.0) -> None:
+                 check: bool = True, label: str = "", gap_s: float = 0.0, margin: float = 0.0) -> None:
         if not candidates:
             raise ValueError("candidates must name at least one callable")
         for name, fn in candidates.items():
@@ -132,6 +135,9 @@ class KernelDispatcher:
         self.check = check
         self.label = label
         self.gap_s = gap_s
+        if not 0.0 <= margin < 1.0:
+            raise ValueError(f"margin must be in [0, 1), got {margin}")
+        self.margin = margin
         self.cache: dict[tuple[Hashable, ...], Choice] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
@@ -226,7 +232,10 @@ class KernelDispatcher:
         measured = self._time_all(calls, x.device)
         timings = {name: t.device_s for name, t in measured.items()}
         host = {name: t.host_s for name, t in measured.items()}
-        best = min((n for n in self.candidates if n in timings), key=timings.__getitem__)  # first of ties
+        best = None
+        for name in self.candidates:  # listed order: the first of ties (and of near-ties, with a margin) wins
+            if name in timings and (best is None or timings[name] < timings[best] * (1.0 - self.margin)):
+                best = name
         return Choice(best, timings, host, dropped)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
