@@ -191,12 +191,11 @@ def accelerate(model: nn.Module, backend: str = "auto", example_inputs: tuple | 
     Args:
         model: a model (pruned by DEPruner or not). Not modified.
         backend: ``"auto"``: on CUDA the CuPy kernels when CuPy imports; on a CPU the fastest of the
-            installed CPU runtimes (``config.cpu_runtimes``) and the torch path, each checked, chosen per input
-            signature by timing on first use (the example input's now); else torch, with one warning.
-            ``"cupy"`` (error without CuPy + GPU), ``"torch"``
-            (dense conv on masked weights, channels_last, BN folded, eager), ``"openvino"`` or
-            ``"onnxruntime"`` (CPU; error when not installed; falls back to torch with one warning when
-            its output differs).
+            installed CPU runtimes (``config.cpu_runtimes``) and the torch path, each checked, chosen per
+            input signature by timing on first use (the example input's now); else torch, with one
+            warning. ``"cupy"``: error without CuPy + GPU. ``"torch"``: dense conv on masked weights,
+            channels_last, BN folded, eager. ``"openvino"`` / ``"onnxruntime"``: CPU; error when not
+            installed; falls back to torch with one warning when its output differs.
         example_inputs: an input to trace and check with; default a ``[1, C, 64, 64]`` random image (seeded).
         config: :class:`AccelerateConfig`.
         filter_fn: ``filter_fn(module, name) -> bool``; DW convs it rejects are left as they are.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +48,8 @@ def _check_args(model: nn.Module, path: str | os.PathLike, format: str, example_
         raise ValueError(f"path {str(path)!r}: a {format} file must end in {suffix!r}")
     if not path.parent.is_dir():
         raise ValueError(f"path {str(path)!r}: directory {str(path.parent)!r} does not exist")
+    if format == "openvino" and not runtime_available("openvino")[0]:
+        raise RuntimeError(f"format='openvino': {runtime_available('openvino')[1]}")
     if example_inputs is None:
         return path, None
     if isinstance(example_inputs, torch.Tensor):
@@ -112,7 +113,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the self-check's verdict is in the report
         fast = accelerate(source, backend="torch", example_inputs=example_inputs,
-                          config=replace(AccelerateConfig(), channels_last=False, cpu_runtimes=()))
+                          config=AccelerateConfig(channels_last=False, cpu_runtimes=()))
     onnx = to_onnx(fast, example_inputs, dynamic=dynamic)
     if format == "onnx":
         path.write_bytes(onnx)
