@@ -302,9 +302,7 @@ def _choose_cpu_runtime(fast: nn.Module, example_inputs: tuple, inputs: list, ru
             report.fallback_reason = f"{runtimes[0]}: {dropped[runtimes[0]]}"
         report.backend = "torch"
         return fast
-    wrapped.runtimes = tuple(passed)
-    for name in set(runtimes) - set(passed):
-        wrapped.__dict__["_sessions"].pop(name, None)  # a dropped runtime's compiled graphs are not kept
+    wrapped.keep_runtimes(passed)
     if explicit:
         report.backend = passed[0]
         return wrapped

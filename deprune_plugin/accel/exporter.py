@@ -65,21 +65,10 @@ def _written_files(path: Path, format: str) -> list[Path]:
     return [path, path.with_suffix(".bin")] if format == "openvino" else [path]
 
 
-def _run_file(runtime: str, path: Path, args: tuple) -> list[torch.Tensor]:
+def _run_file(session, args: tuple) -> list[torch.Tensor]:
+    """Run a runtime session (built from the written file) on ``args``."""
     arrays = [np.ascontiguousarray(a.detach().cpu().float().numpy()) for a in args]
-    if runtime == "onnxruntime":
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outs = session.run(None, {i.name: a for i, a in zip(session.get_inputs(), arrays)})
-    else:
-        import openvino as ov
-
-        core = ov.Core()
-        compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        result = compiled(arrays)
-        outs = [result[o] for o in compiled.outputs]
-    return [torch.from_numpy(np.asarray(o)) for o in outs]
+    return [torch.from_numpy(np.asarray(o)) for o in session.run(arrays)]
 
 
 @torch.no_grad()
@@ -135,9 +124,11 @@ def _check_file(source: nn.Module, path: Path, format: str, example_inputs: tupl
     inputs, _ = check_inputs(source, example_inputs)
     if not dynamic:
         inputs = inputs[:1]
+    session = None
     for item in inputs:
         try:
-            got = _run_file(runtime, path, item.args)
+            session = session or RUNTIMES[runtime].build(str(path), torch.get_num_threads())  # the file, as written
+            got = _run_file(session, item.args)
             ref = item.expected if isinstance(item.expected, (tuple, list)) else [item.expected]
             bad = next((a.reason for g, r in zip(got, ref) for a in [agreement(g, r.float())] if not a.ok),
                        None if len(got) == len(ref) else "output count differs")

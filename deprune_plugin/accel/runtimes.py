@@ -44,12 +44,13 @@ _MAX_COMPILED_SHAPES = 8  # OpenVINO: compiled models kept per input shape (leas
 
 @dataclass(frozen=True)
 class _Runtime:
-    """One CPU runtime: the package it needs and how to build a session from ONNX bytes."""
+    """One CPU runtime: the package it needs and how to build a session from a model (ONNX bytes, or the
+    path of a file the runtime reads: ``.onnx``, or OpenVINO's ``.xml``)."""
 
     name: str
     package: str  # import name
     pip: str  # what to install
-    build: Callable[[bytes, int], "_Session"]
+    build: Callable[[bytes | str, int], "_Session"]
 
 
 class _Session:
@@ -60,7 +61,7 @@ class _Session:
 
 
 class _OrtSession(_Session):
-    def __init__(self, onnx: bytes, threads: int) -> None:
+    def __init__(self, onnx: bytes | str, threads: int) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -76,11 +77,11 @@ class _OrtSession(_Session):
 
 
 class _OpenVinoSession(_Session):
-    def __init__(self, onnx: bytes, threads: int) -> None:
+    def __init__(self, onnx: bytes | str, threads: int) -> None:
         import openvino as ov
 
         self.core = ov.Core()
-        self.onnx = onnx
+        self.model = self.core.read_model(onnx)  # parsed once; reshaped and compiled per input shape
         self.config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                        "INFERENCE_PRECISION_HINT": "f32"}
         self.compiled: OrderedDict[tuple, Any] = OrderedDict()
@@ -88,9 +89,8 @@ class _OpenVinoSession(_Session):
     def _compiled(self, shapes: tuple) -> Any:
         got = self.compiled.get(shapes)
         if got is None:
-            model = self.core.read_model(self.onnx)
-            model.reshape({i: list(s) for i, s in enumerate(shapes)})
-            got = self.compiled[shapes] = self.core.compile_model(model, "CPU", self.config)
+            self.model.reshape({i: list(s) for i, s in enumerate(shapes)})  # compiled models keep their shape
+            got = self.compiled[shapes] = self.core.compile_model(self.model, "CPU", self.config)
             if len(self.compiled) > _MAX_COMPILED_SHAPES:
                 self.compiled.popitem(last=False)
         else:
@@ -132,7 +132,7 @@ def _dynamic_axes(args: tuple, n_out: int) -> dict[str, dict[int, str]]:
 
 
 @torch.no_grad()
-def to_onnx(model: nn.Module, args: tuple, file: str | io.BytesIO | None = None, dynamic: bool = True) -> bytes:
+def to_onnx(model: nn.Module, args: tuple, dynamic: bool = True) -> bytes:
     """Export ``model`` (an inference model: eval mode, no mask hooks) to ONNX and return the bytes.
 
     Inputs are named ``input0..``, outputs ``output0..``; with ``dynamic`` the batch axis (and the spatial
@@ -151,13 +151,7 @@ def to_onnx(model: nn.Module, args: tuple, file: str | io.BytesIO | None = None,
                           input_names=[f"input{i}" for i in range(len(args))],
                           output_names=[f"output{i}" for i in range(n_out)],
                           dynamic_axes=_dynamic_axes(args, n_out) if dynamic else None)
-    data = buf.getvalue()
-    if isinstance(file, io.BytesIO):
-        file.write(data)
-    elif file is not None:
-        with open(file, "wb") as fh:
-            fh.write(data)
-    return data
+    return buf.getvalue()
 
 
 class RuntimeModel(nn.Module):
@@ -215,6 +209,14 @@ class RuntimeModel(nn.Module):
         outs = [torch.from_numpy(np.asarray(o)) for o in self.session(name).run(arrays)]
         outs = [o.to(dtype) if o.is_floating_point() and dtype.is_floating_point else o for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def keep_runtimes(self, names: Sequence[str]) -> None:
+        """Keep only runtimes ``names`` (those that passed a check); the others' compiled graphs are freed."""
+        self.runtimes = tuple(names)
+        sessions = self.__dict__.setdefault("_sessions", {})
+        for name in [n for n in sessions if n not in self.runtimes]:
+            del sessions[name]
+        self.__dict__["_dispatcher"] = None
 
     def dispatcher(self) -> KernelDispatcher:
         """Per-signature choice among ``"torch"`` (the reference) and the runtimes."""
