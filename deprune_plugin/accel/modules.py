@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Any, Sequence
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from ..kernels.activations import ACTIVATIONS, apply_activation
 from ..kernels.dispatch import KernelDispatcher, dispatch_key
 from ..kernels.formats import CompactTaps, DRColumns
+from ..kernels.planned import plan_call, plan_key
 
 __all__ = ["FastDWConv", "same_padding", "MODULE_BACKENDS"]
 
@@ -117,6 +119,12 @@ class FastDWConv(nn.Module):
     Kernel choices per input signature (:attr:`choices`) are plain data kept in the state dict, so a
     reloaded model does not re-time known signatures.
 
+    Host path: the first call of an input signature (shape, dtype, device, strides, pointer alignment)
+    chooses the kernel (unless known) and captures the launcher's launch as a plan
+    (:mod:`deprune_plugin.kernels.planned`); later calls of the signature run the plan: one output allocation
+    and one launch, no argument checks, tile planning, source specialisation or bias cast. Plans are dropped
+    on every move, dtype change or state-dict load, and are never copied.
+
     Shapes: input ``[N, C, H, W]`` -> output ``[N, C, Ho, Wo]``. An input that requires grad (with grad
     enabled) takes the dense path, so gradients flow through the layer.
     """
@@ -151,6 +159,10 @@ class FastDWConv(nn.Module):
         self._generation, self._formats_gen = 0, -1
         self.choices: dict[tuple, str] = {}  # dispatch_key -> candidate name, kept across copies and saves
         self._dispatcher: KernelDispatcher | None = None
+        # plan_key(x) -> (dispatch_key, kernel name, callable): the launch plan of each input signature seen,
+        # valid while choices[dispatch_key] is still that name (see forward); dropped on every move or load.
+        self._calls: dict[tuple, tuple[tuple, str, Any]] = {}
+        self.plan_notes: dict[str, str] = {}  # kernel -> why its calls could not be planned (if ever)
 
     def extra_repr(self) -> str:
         return (f"{self.groups}, kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
@@ -194,6 +206,7 @@ class FastDWConv(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._generation += 1
+        self._calls = {}  # plans hold pointers to the old buffers
         return super()._apply(fn, recurse)
 
     def _replicate_for_data_parallel(self):
@@ -205,6 +218,7 @@ class FastDWConv(nn.Module):
         makes anew on every forward do not re-time known signatures."""
         replica = super()._replicate_for_data_parallel()
         replica._formats, replica._formats_gen = {}, -1
+        replica._calls = {}  # this module's plans point at this module's buffers
         if not self.keep.is_meta:  # (meta tensors have no content to check)
             self.formats()  # check (once per generation) the buffers the replicas copy
             replica._buffers_validated = True
@@ -222,6 +236,13 @@ class FastDWConv(nn.Module):
         if name == "dr":
             return dw_dr(x, fmt["dr"], fmt["bias"], **conv)
         raise ValueError(f"unknown kernel {name!r}")
+
+    def _kernel_tensors(self, name: str) -> list[torch.Tensor]:
+        """The tensors a launch of kernel ``name`` points at besides its input and output (what a plan keeps)."""
+        fmt = self.formats()
+        weights = fmt["taps"] if name == "direct" else fmt["dr"]
+        return [getattr(weights, f.name) for f in dataclasses.fields(weights)
+                if isinstance(getattr(weights, f.name), torch.Tensor)] + [fmt["bias"]]
 
     def dispatcher(self) -> KernelDispatcher:
         """The layer's :class:`KernelDispatcher` over dense / direct / DR (built on first use)."""
@@ -246,11 +267,31 @@ class FastDWConv(nn.Module):
             return self._compiled_forward(x)
         if not self._uses_kernels(x) or torch.jit.is_tracing():
             return self.dense(x)
+        # The hot path: a known signature whose choice has not changed runs its plan (one allocation, one
+        # launch). choices may be edited from outside (restored, set by hand), hence the name check.
+        hit = self._calls.get(plan_key(x))
+        if hit is not None and self.choices.get(hit[0]) == hit[1]:
+            return hit[2](x)
+        return self._first_call(x)
+
+    def _first_call(self, x: torch.Tensor) -> torch.Tensor:
+        """First call of a signature: choose the kernel (unless a choice is known: ahead of time in
+        ``accelerate()``, or restored from a state dict), then plan its launch and keep the plan."""
         key = dispatch_key(x)
         name = self.choices.get(key)
         if name is None:  # first call with this signature: check and time the candidates
             name = self.choices[key] = self.dispatcher().select(x, self).name
-        return self.dense(x) if name == "dense" else self.run_kernel(name, x)
+        if name == "dense":
+            self._calls[plan_key(x)] = (key, name, self.dense)
+            return self.dense(x)
+        plan, y, why = plan_call(lambda t: self.run_kernel(name, t), x, self._kernel_tensors(name))
+        if plan is None:
+            self.plan_notes[name] = why
+            call = functools.partial(self.run_kernel, name)
+        else:
+            call = plan
+        self._calls[plan_key(x)] = (key, name, call)
+        return y
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Under torch.compile / torch.export: the kernel chosen ahead of time for this signature (see
@@ -289,9 +330,16 @@ class FastDWConv(nn.Module):
             state_dict[prefix + _CHOICES_KEY] = rows  # leave the caller's dict as it was
             self.choices = dict(_decode_choice(r) for r in rows.tolist())
             self._dispatcher = None
+        self._calls = {}
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_dispatcher"] = None  # holds compiled kernels and a lock: rebuilt on first use
         state["_formats"], state["_formats_gen"] = {}, -1
+        state["_calls"] = {}  # plans point at this module's buffers, not the copy's
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_calls", {})  # modules pickled before plans existed
+        self.__dict__.setdefault("plan_notes", {})

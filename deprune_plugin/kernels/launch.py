@@ -3,9 +3,11 @@ switch between the GPU (CuPy) and the host emulation.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
+import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -14,8 +16,8 @@ from . import cupy_launch, emulation
 from .activations import ACTIVATIONS
 from .sources import KernelArg, KernelSource, arg_i32
 
-__all__ = ["KERNEL_BACKENDS", "ConvGeometry", "DEFAULT_SMEM_LIMIT", "conv_output_size", "conv_padding",
-           "dynamic_smem_limit", "prepare_conv", "run_kernel", "MAX_GRID_YZ"]
+__all__ = ["KERNEL_BACKENDS", "CapturedLaunch", "ConvGeometry", "DEFAULT_SMEM_LIMIT", "capture_launches",
+           "conv_output_size", "conv_padding", "dynamic_smem_limit", "prepare_conv", "run_kernel", "MAX_GRID_YZ"]
 
 #: Where a kernel runs: ``"cupy"`` (CUDA tensors, NVRTC through CuPy) or ``"emu"`` (CPU tensors, host emulation).
 KERNEL_BACKENDS = ("cupy", "emu")
@@ -172,13 +174,50 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
     return x, geo, bias, ACTIVATIONS[act].code, y
 
 
+@dataclass(frozen=True)
+class CapturedLaunch:
+    """A launch :func:`run_kernel` was asked for inside :func:`capture_launches` (and did not run)."""
+
+    backend: str
+    src: KernelSource
+    entry: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    smem: int
+    args: tuple[KernelArg, ...]
+    device: torch.device
+
+
+# Per thread: a launcher called on another thread meanwhile must launch as usual.
+_CAPTURE = threading.local()
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list[CapturedLaunch]]:
+    """Inside the ``with`` block, :func:`run_kernel` calls made by this thread are recorded as
+    :class:`CapturedLaunch` instead of run. The launchers still check their arguments, plan, specialise and
+    allocate their output, so a launcher called here hands back its (unwritten) output and the exact launch
+    it would make: :mod:`.planned` turns that into a per-signature launch plan."""
+    records: list[CapturedLaunch] = []
+    outer = getattr(_CAPTURE, "records", None)
+    _CAPTURE.records = records
+    try:
+        yield records
+    finally:
+        _CAPTURE.records = outer
+
+
 def run_kernel(backend: str, src: KernelSource, entry: str, grid: tuple[int, int, int],
                block: tuple[int, int, int], smem: int, args: Sequence[KernelArg],
                device: torch.device) -> None:
-    """Launch on the GPU through CuPy (``"cupy"``) or run the host emulation (``"emu"``)."""
+    """Launch on the GPU through CuPy (``"cupy"``) or run the host emulation (``"emu"``); inside
+    :func:`capture_launches` only record the launch."""
+    records = getattr(_CAPTURE, "records", None)
+    if records is not None:
+        records.append(CapturedLaunch(backend, src, entry, tuple(grid), tuple(block), int(smem), tuple(args),
+                                      device))
+        return
     if backend == "cupy":
         cupy_launch.launch(src, entry, grid, block, smem, args, device)
     else:
         emulation.launch(src, entry, grid, block, smem, args)
-
-
