@@ -182,3 +182,57 @@ def test_plan_key_tells_alignment_apart():
     a = base[:, :C * 63].view(1, C, 7, 9)
     b = base[:, 1:].view(1, C, 7, 9)  # 4 bytes off: a launcher may pick a scalar path for it
     assert dispatch_key(a) == dispatch_key(b) and plan_key(a) != plan_key(b)
+
+
+def test_a_cupy_plan_packs_once_and_binds_only_the_pointers(monkeypatch):
+    """The CuPy side of a plan against a fake CuPy (no GPU here): the kernel is fetched, its shared memory opted
+    in and its arguments packed at planning; a call swaps the input/output pointers and launches inside the
+    tensor's device context on the current stream."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from deprune_plugin.kernels import cupy_launch
+    from deprune_plugin.kernels.launch import CapturedLaunch
+    from deprune_plugin.kernels.sources import arg_i32, arg_ptr
+
+    events = []
+
+    class Kernel:
+        max_dynamic_shared_size_bytes = 0
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            events.append(("launch", current[0], grid, block, args, shared_mem))
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(index):
+        before, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    kernel = Kernel()
+    fake = SimpleNamespace(cuda=SimpleNamespace(Device=device, runtime=None))
+    monkeypatch.setattr(cupy_launch, "_import_cupy", lambda: fake)
+    fetched = []
+    monkeypatch.setattr(cupy_launch, "_kernel", lambda src, entry, index: fetched.append(index) or kernel)
+    monkeypatch.setattr(cupy_launch, "_external_stream", lambda index: contextlib.nullcontext())
+    monkeypatch.setattr(cupy_launch, "max_dynamic_smem", lambda index: 227 * 1024)
+    x, w = torch.randn(2, C, 5, 5), torch.randn(C)
+    y = torch.empty_like(x)
+    launch = CapturedLaunch("cupy", None, "k", (4, 1, 2), (128, 1, 1), 64 * 1024,
+                            (arg_ptr(x), arg_ptr(y), arg_ptr(w), arg_i32(7)), torch.device("cuda", 1))
+    plan = PlannedCall(launch, x, y, [w])
+    assert fetched == [1] and kernel.max_dynamic_shared_size_bytes == 64 * 1024 and events == []
+    x2 = torch.randn(2, C, 5, 5)
+    y2 = plan(x2)
+    (event,) = events
+    assert event[:4] == ("launch", 1, (4, 1, 2), (128, 1, 1)) and event[5] == 64 * 1024
+    args = event[4]
+    assert [type(a) for a in args] == [np.uint64, np.uint64, np.uint64, np.int32]
+    assert [int(a) for a in args] == [x2.data_ptr(), y2.data_ptr(), w.data_ptr(), 7]
+    assert y2.shape == y.shape and y2.stride() == y.stride() and fetched == [1]

@@ -7,6 +7,8 @@ Subcommands:
   load``) rebuilds in one call, print the per-layer table and write a PNG report.
 - ``deprune inspect PATH``: the tap-mask report and stored metrics of a saved model.
 - ``deprune bench ...``: speed benchmark (:mod:`deprune_plugin.app.bench`).
+- ``deprune kernels ...``: static performance report of the DW kernels (registers, spills, occupancy, load
+  widths, modelled time) on a pruned model's DW layers, no GPU needed (:mod:`deprune_plugin.app.kernel_report`).
 
 Bad input is reported as one line ``deprune: error: ...`` on stderr with exit status 2, and is detected
 before any training starts, so a failed call writes nothing. An unexpected internal error is one line
@@ -142,6 +144,28 @@ def _run_bench(bench: Any, args: argparse.Namespace) -> int:
         _fail(str(e))
 
 
+def _add_kernels(sub: argparse._SubParsersAction) -> None:
+    from . import kernel_report
+
+    p = sub.add_parser("kernels", help="static performance report of the DW kernels (nvcc + cuobjdump, no GPU)",
+                       description=kernel_report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    kernel_report.add_arguments(p)
+    p.set_defaults(func=_run_kernels)
+
+
+def _run_kernels(args: argparse.Namespace) -> int:
+    from ..kernels.report import find_tool
+    from . import kernel_report
+
+    if args.json:
+        _check_writable(args.json, "--json")  # before compiling, not after
+    missing = [t for t in ("nvcc", "cuobjdump") if find_tool(t) is None]
+    if missing:
+        _fail(f"deprune kernels needs the CUDA toolkit's {' and '.join(missing)} (not found on PATH, in "
+              "$CUDA_HOME/bin or next to nvcc)")
+    return kernel_report.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``deprune`` argument parser (errors raise :class:`BadInput`)."""
     parser = _Parser(prog=PROG, description="DEPrune for torch-pruning: prune, inspect and benchmark DSConv CNNs.",
@@ -171,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow full unpickling for a file that needs it; ONLY for files you made")
     p.set_defaults(func=run_export)
     _add_bench(sub)
+    _add_kernels(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser
 
 
