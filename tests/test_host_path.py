@@ -236,3 +236,23 @@ def test_a_cupy_plan_packs_once_and_binds_only_the_pointers(monkeypatch):
     assert [type(a) for a in args] == [np.uint64, np.uint64, np.uint64, np.int32]
     assert [int(a) for a in args] == [x2.data_ptr(), y2.data_ptr(), w.data_ptr(), 7]
     assert y2.shape == y.shape and y2.stride() == y.stride() and fetched == [1]
+
+
+def test_planned_layers_compile_in_one_graph_and_export():
+    """Under torch.compile (fullgraph: a graph break raises) and torch.export the layers do not run their
+    plans but the chosen kernel's custom op (its CPU implementation here), one node per layer."""
+    model = torch.nn.Sequential(_layer(), _layer()).eval()
+    x = _input()
+    for layer in model:
+        layer.choices = {dispatch_key(x): "direct"}
+    with torch.no_grad():
+        eager = model(x)  # plans
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager, rtol=1e-5, atol=1e-5)
+    ep = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert sum("deprune.dw_direct" in t for t in targets) == 2, targets
+    torch.testing.assert_close(ep.module()(x), eager, rtol=1e-5, atol=1e-5)
