@@ -271,13 +271,15 @@ class CompileStats:
 
 def compile_stats(code: str, entry: str, arch: str, nvcc: str | None = None) -> CompileStats:
     """Compile ``code`` (a specialised, self-contained source) to a cubin for ``arch`` and read ``entry``'s
-    registers, spills, static shared memory and SASS. Cached on disk by (code, arch, nvcc path)."""
+    registers, spills, static shared memory and SASS. Cached on disk (``$DEPRUNE_REPORT_CACHE``, default
+    ``<tmp>/deprune_report_cache``) by (code, arch, nvcc binary)."""
     nvcc = nvcc or find_tool("nvcc")
     cuobjdump = find_tool("cuobjdump")
     if nvcc is None or cuobjdump is None:
         raise RuntimeError("the kernel report needs nvcc and cuobjdump (CUDA toolkit; cuobjdump also ships in "
                            "the triton wheel)")
-    key = hashlib.sha256(f"{arch}\0{nvcc}\0{code}".encode()).hexdigest()[:24]
+    real = os.path.realpath(nvcc)  # another toolkit (a new nvcc at the same path) is another key
+    key = hashlib.sha256(f"{arch}\0{real}\0{os.stat(real).st_mtime_ns}\0{code}".encode()).hexdigest()[:24]
     folder = _cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     cubin, log_path = folder / f"{key}.cubin", folder / f"{key}.ptxas.txt"
