@@ -1,5 +1,6 @@
-"""Shared-memory limits of the direct kernel: the tile planner takes the device's opt-in maximum as an
-argument, and the CuPy launch opts in inside the tensor's device context, reading that maximum per device.
+"""Shared-memory limits of the direct kernel: the tile planner (:func:`dw_direct_plan`) takes the device's
+opt-in maximum as an argument, and the CuPy launch opts in inside the tensor's device context, reading that
+maximum per device.
 
 No GPU: the planner is pure Python, and the CuPy launch runs against a fake ``cupy`` that records which
 device is current when the kernel attribute is set and when it launches.
@@ -7,13 +8,14 @@ device is current when the kernel attribute is set and when it launches.
 from __future__ import annotations
 
 import contextlib
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from deprune_plugin.kernels import cupy_launch
-from deprune_plugin.kernels.dw_direct import plan_tile
+from deprune_plugin.kernels.dw_direct import dw_direct_plan
 from deprune_plugin.kernels.launch import DEFAULT_SMEM_LIMIT, ConvGeometry, dynamic_smem_limit
 
 KB = 1024
@@ -26,35 +28,39 @@ def geometry(k: int, dil: int, nhwc: bool, size: int = 64, c: int = 64) -> ConvG
                         pad=(pad, pad, pad, pad), dh=dil, dw=dil, nhwc=nhwc)
 
 
+def plan(g: ConvGeometry, limit: int = DEFAULT_SMEM_LIMIT):
+    return dw_direct_plan(g, torch.float32, smem_limit=limit)
+
+
 @pytest.mark.parametrize("nhwc", [False, True])
 def test_ordinary_windows_plan_the_same_under_every_limit(nhwc):
     g = geometry(3, 1, nhwc)
-    plans = {limit: plan_tile(g, limit) for limit in (DEFAULT_SMEM_LIMIT, SM75, SM90)}
-    assert len(set(plans.values())) == 1  # below 48 KB the device's maximum does not matter
-    assert plans[SM90][3] <= DEFAULT_SMEM_LIMIT
-    assert plan_tile(g) == plans[SM90]  # default: 48 KB
+    plans = {limit: plan(g, limit) for limit in (DEFAULT_SMEM_LIMIT, SM75, SM90)}
+    assert plans[DEFAULT_SMEM_LIMIT] == plans[SM75] == plans[SM90]  # below 48 KB the maximum does not matter
+    assert plans[SM90].smem_bytes <= DEFAULT_SMEM_LIMIT
+    assert dw_direct_plan(g, torch.float32) == plans[SM90]  # default: 48 KB
 
 
 @pytest.mark.parametrize("nhwc,k,dil,need", [
-    (False, 31, 4, 71176),    # NCHW smallest block (8 x 1): taps + a 124 x 128 fp32 tile
-    (True, 21, 3, 124928),    # NHWC smallest block (8 channels x 4 pixels): 61 x 64 x 8 fp32
+    (False, 31, 4, 69640),    # NCHW smallest tile (1 x 8 outputs): taps + a 121 x 128 fp32 window
+    (True, 21, 3, 66816),     # NHWC smallest tile (1 x 1 output, one 4-channel vector): 61 x 61 x 4 fp32 + taps
 ])
 def test_a_huge_window_plans_only_where_the_device_allows_it(nhwc, k, dil, need):
     g = geometry(k, dil, nhwc)
     assert SM75 < need <= SM90
-    block, tile_h, tile_w, smem = plan_tile(g, SM90)
-    assert smem == need and block[0] == 8 and block[1] == 1  # shrunk to the smallest block first
+    big = plan(g, SM90)
+    assert DEFAULT_SMEM_LIMIT < big.smem_bytes <= SM90  # opted in: nothing fits the default 48 KB
     with pytest.raises(ValueError, match=f"needs {need} bytes.*more than the {SM75}"):
-        plan_tile(g, SM75)
+        plan(g, SM75)
     with pytest.raises(ValueError, match=f"more than the {DEFAULT_SMEM_LIMIT}"):
-        plan_tile(g)  # no device known (host emulation): 48 KB
+        dw_direct_plan(g, torch.float32)  # no device known (host emulation): 48 KB
 
 
 def test_a_limit_below_48_kb_shrinks_the_tile():
     g = geometry(11, 3, False)
-    block, _, _, smem = plan_tile(g, DEFAULT_SMEM_LIMIT)
-    small = plan_tile(g, 12 * KB)
-    assert small[3] <= 12 * KB < smem and small[0][1] < block[1]
+    full, small = plan(g, DEFAULT_SMEM_LIMIT), plan(g, 12 * KB)
+    assert small.smem_bytes <= 12 * KB < full.smem_bytes
+    assert math.prod(small.extra["tile"]) < math.prod(full.extra["tile"])
 
 
 # ---- the CuPy launch, against a fake cupy -------------------------------------------------------------

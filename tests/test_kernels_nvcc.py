@@ -88,16 +88,23 @@ def test_the_compiled_specialisations_are_exactly_what_the_launchers_use(monkeyp
     launched = _launched_sources(monkeypatch)
     listed = {(entry, src.defines, src.hash) for entry, src in SPECS}
     direct = {s for s in launched if s[0] == "deprune_dw_direct"}
-    assert len(direct) == 2 * len(DTYPES)  # one specialisation per dtype and layout, nothing per shape
+    # one shape (dw_direct_defines' reference geometry, geometry is compile-time): one specialisation per
+    # dtype and layout
+    assert len(direct) == 2 * len(DTYPES)
     assert launched == listed
 
 
 def test_the_define_record_catches_a_launcher_that_drifts(monkeypatch):
-    """The comparison above can fail: a launcher compiling one define more than dw_direct_defines says."""
+    """The comparison above can fail: a launcher compiling one define more than dw_direct_defines says
+    (planted in the planner's define builder; its plan cache is cleared around the planted run)."""
     direct_mod = importlib.import_module("deprune_plugin.kernels.dw_direct")
-    real = direct_mod.dw_direct_defines
-    monkeypatch.setattr(direct_mod, "dw_direct_defines", lambda *a: {**real(*a), "DEPRUNE_ROWS": 2})
-    launched = _launched_sources(monkeypatch)
+    real = direct_mod._defines
+    monkeypatch.setattr(direct_mod, "_defines", lambda *a: {**real(*a), "DEPRUNE_ROWS": 2})
+    direct_mod._plan.cache_clear()
+    try:
+        launched = _launched_sources(monkeypatch)
+    finally:
+        direct_mod._plan.cache_clear()
     assert launched != {(entry, src.defines, src.hash) for entry, src in SPECS}
 
 
