@@ -300,6 +300,135 @@ inline __nv_bfloat16 __float2bfloat16(float f) {
 }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
 
+// ==== warp-level matrix operations (mma.sync) ====================================================
+// Emulates the warp-wide tensor-core instruction the kernels issue as inline PTX on the GPU:
+//
+//   mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32  d, a, b, c     (D = A * B + C)
+//
+// A kernel reaches it through a small device function of its own that is inline PTX under nvcc/NVRTC and
+// calls deprune_emu_mma_m16n8k16() here otherwise (DEPRUNE_EMU_WARP_MATRIX is defined for that #if).
+//
+// Faithfulness: every lane hands in exactly the registers the PTX ISA ("Matrix Fragments for
+// mma.m16n8k16 with floating point type") gives it, with groupID = lane >> 2, tig = lane % 4:
+//   A (16 x 16, row-major), four .b32 registers of two 16-bit elements each (low half = lower column):
+//     a[0]: row groupID,     cols tig*2 + {0,1}        a[1]: row groupID + 8, cols tig*2 + {0,1}
+//     a[2]: row groupID,     cols tig*2 + 8 + {0,1}    a[3]: row groupID + 8, cols tig*2 + 8 + {0,1}
+//   B (16 x 8, "col"), two .b32 registers:  b[0]: rows tig*2 + {0,1}, col groupID
+//                                           b[1]: rows tig*2 + 8 + {0,1}, col groupID
+//   C, D (16 x 8 fp32): c[0], c[1]: row groupID, cols tig*2 + {0,1};  c[2], c[3]: row groupID + 8, same cols.
+// The 32 lanes of a warp (consecutive linear thread ids, as on the GPU) deposit their fragments in a
+// per-warp exchange and meet at a per-warp std::barrier; each lane then rebuilds A, B and C from all 32
+// deposits and computes its own four D elements (fp32 products of the 16-bit inputs, exact, summed in k
+// order in fp32), and a second barrier keeps the exchange alive until every lane has read it. So a
+// kernel that puts an element in the wrong register, or a lane that does not take part, gives wrong
+// numbers or a hang (like a missing __syncthreads), never the right answer by accident. A warp with
+// fewer than 32 threads, or lanes disagreeing on the element type, aborts the process (a GPU would
+// leave the result undefined).
+#define DEPRUNE_EMU_WARP_MATRIX 1
+
+#include <cstdio>   // fprintf (warp_abort)
+#include <cstdlib>  // abort
+
+namespace deprune_emu {
+enum class MmaType : int { f16 = 1, bf16 = 2 };
+
+struct WarpExchange {
+    std::uint32_t a[32][4];
+    std::uint32_t b[32][2];
+    float c[32][4];
+    int type[32];
+};
+
+struct Warp {
+    unsigned int size;       // threads of the launch in this warp (32 except a partial last warp)
+    std::barrier<> barrier;  // the lanes of this warp only
+    WarpExchange exchange;
+    explicit Warp(unsigned int n) : size(n), barrier(static_cast<std::ptrdiff_t>(n)) {}
+};
+
+// The warps of the running launch (blocks run one at a time, so one set serves every block).
+inline std::vector<std::unique_ptr<Warp>>* g_warps = nullptr;
+
+// Creates the launch's warps for emu_launch and removes them when the launch ends.
+struct WarpScope {
+    std::vector<std::unique_ptr<Warp>> warps;
+    explicit WarpScope(unsigned long long nthreads) {
+        for (unsigned long long first = 0; first < nthreads; first += 32)
+            warps.push_back(std::make_unique<Warp>(static_cast<unsigned int>(std::min(32ull, nthreads - first))));
+        g_warps = &warps;
+    }
+    ~WarpScope() { g_warps = nullptr; }
+    WarpScope(const WarpScope&) = delete;
+    WarpScope& operator=(const WarpScope&) = delete;
+};
+
+// Linear thread id inside the block, x fastest (CUDA's rule for how threads form warps).
+inline unsigned int linear_thread_id() {
+    return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+
+[[noreturn]] inline void warp_abort(const char* what) {
+    std::fprintf(stderr, "deprune host emulation: %s\n", what);
+    std::abort();
+}
+
+inline float mma_element(std::uint16_t bits, MmaType type) {
+    if (type == MmaType::bf16) return deprune_emu_bits_to_float(static_cast<std::uint32_t>(bits) << 16);
+    __half h;
+    h.x = bits;
+    return __half2float(h);
+}
+}  // namespace deprune_emu
+
+// One mma.sync.aligned.m16n8k16.row.col.f32.<type>.<type>.f32 for the calling lane: d = A * B + c, with A, B
+// and C assembled from the fragments of all 32 lanes of the caller's warp (layout above). d may alias c.
+inline void deprune_emu_mma_m16n8k16(deprune_emu::MmaType type, float* d, const std::uint32_t* a,
+                                     const std::uint32_t* b, const float* c) {
+    using namespace deprune_emu;
+    if (g_warps == nullptr) warp_abort("mma.sync called outside an emulated launch");
+    const unsigned int tid = linear_thread_id();
+    Warp& warp = *(*g_warps)[tid / 32];
+    const unsigned int lane = tid % 32;
+    if (warp.size != 32) warp_abort("mma.sync needs all 32 lanes of a warp (the block has a partial warp)");
+    WarpExchange& ex = warp.exchange;
+    for (int i = 0; i < 4; ++i) ex.a[lane][i] = a[i];
+    for (int i = 0; i < 2; ++i) ex.b[lane][i] = b[i];
+    for (int i = 0; i < 4; ++i) ex.c[lane][i] = c[i];
+    ex.type[lane] = static_cast<int>(type);
+    warp.barrier.arrive_and_wait();  // every lane has deposited its fragments
+
+    for (unsigned int l = 0; l < 32; ++l)
+        if (ex.type[l] != static_cast<int>(type)) warp_abort("mma.sync lanes disagree on the element type");
+    // Rebuild the operands from the documented fragment layout.
+    float A[16][16], B[16][8], Cm[16][8];
+    for (unsigned int l = 0; l < 32; ++l) {
+        const unsigned int group = l >> 2, tig = l % 4;
+        for (int r = 0; r < 4; ++r) {
+            const unsigned int row = group + ((r & 1) ? 8 : 0);
+            const unsigned int col = tig * 2 + ((r & 2) ? 8 : 0);
+            A[row][col] = mma_element(static_cast<std::uint16_t>(ex.a[l][r] & 0xffffu), type);
+            A[row][col + 1] = mma_element(static_cast<std::uint16_t>(ex.a[l][r] >> 16), type);
+        }
+        for (int r = 0; r < 2; ++r) {
+            const unsigned int row = tig * 2 + (r ? 8 : 0);
+            B[row][group] = mma_element(static_cast<std::uint16_t>(ex.b[l][r] & 0xffffu), type);
+            B[row + 1][group] = mma_element(static_cast<std::uint16_t>(ex.b[l][r] >> 16), type);
+        }
+        for (int r = 0; r < 4; ++r) Cm[group + ((r & 2) ? 8 : 0)][tig * 2 + (r & 1)] = ex.c[l][r];
+    }
+    float out[4];
+    const unsigned int group = lane >> 2, tig = lane % 4;
+    for (int r = 0; r < 4; ++r) {
+        const unsigned int row = group + ((r & 2) ? 8 : 0), col = tig * 2 + (r & 1);
+        float acc = Cm[row][col];
+        for (int k = 0; k < 16; ++k) acc += A[row][k] * B[k][col];
+        out[r] = acc;
+    }
+    warp.barrier.arrive_and_wait();  // every lane has read the exchange before anyone writes it again
+    for (int r = 0; r < 4; ++r) d[r] = out[r];
+}
+// ==== end of the warp-level matrix operations ====================================================
+
 // ---- launcher ---------------------------------------------------------------------------------
 // Runs kernel<<<grid, block, smem_bytes>>>(args...) synchronously. Arguments are converted to the
 // kernel's parameter types (e.g. void* -> const float*), which lets generated wrappers pass untyped
@@ -322,6 +451,7 @@ void emu_launch(const deprune_emu::LaunchLimits& limits, void (*kernel)(Params..
     std::barrier<deprune_emu::PoisonShared> block_barrier(static_cast<std::ptrdiff_t>(nthreads),
                                                           deprune_emu::PoisonShared{smem.get(), smem_bytes});
     deprune_emu::g_sync_barrier = &sync_barrier;
+    deprune_emu::WarpScope warp_scope(nthreads);  // per-warp barriers and fragment exchange (mma.sync)
     deprune_emu::g_dynamic_smem = smem.get();
     blockDim = block;
     gridDim = grid;

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not _OK, reason=f"host emulation unavailable: {_
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases(max_c=48))
 def test_matches_conv2d(case, dtype, layout):
     check_case("dw_dr", case, DTYPES[dtype], layout == "nhwc")
@@ -59,8 +59,6 @@ def _cols(c=8, k=3, **kw):
      "dilation"),
     (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(group_size=256), None, backend="emu"), ValueError,
      "group_size"),
-    (lambda: dw_dr(torch.randn(1, 8, 5, 5), _cols(group_size=128, tile=128), None, backend="emu"), ValueError,
-     "tile"),
     (lambda: dw_dr(torch.randn(1, 8, 5, 5), None, None, backend="emu"), TypeError, "cols"),
 ])
 def test_bad_arguments_raise(call, exc, match):
@@ -70,23 +68,24 @@ def test_bad_arguments_raise(call, exc, match):
 
 # ---- the static shared memory planner agrees with the kernel ---------------------------------------
 
-# (group_size, tile, layout): group sizes that are and are not multiples of the 16-row thread grid; the
-# layouts are those the tests above build anyway (40 / 8 is the one extra specialisation).
-SMEM_CONFIGS = [(32, 32, "nchw"), (16, 8, "nchw"), (64, 16, "nhwc"), (8, 32, "nchw"), (40, 8, "nchw")]
+# (group_size, dtype, layout): both paths (fp32: CUDA cores, fp16/bf16: tensor cores), group sizes that are and
+# are not multiples of the 16-row MMA tile, and the largest group (128 rows, 64 positions per CTA).
+SMEM_CONFIGS = [(32, "fp32", "nchw"), (32, "fp16", "nhwc"), (8, "fp32", "nchw"), (8, "fp16", "nhwc"),
+                (40, "fp16", "nchw"), (128, "bf16", "nhwc"), (64, "fp32", "nhwc")]
 
 
-def declared_static_smem(group_size: int, tile: int, layout: str) -> int:
+def declared_static_smem(group_size: int, dtype: str, layout: str) -> int:
     """Static shared memory of the kernel ``dw_dr`` launches for such columns, as declared by the emulated build:
     the sum of the ``sizeof`` of its ``__shared__`` arrays (read from the built library, never retyped)."""
-    x = torch.randn(1, 8, 5, 5)
+    x = torch.randn(1, 8, 5, 5).to(DTYPES[dtype])
     if layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
-    cols = DRColumns.from_dense(torch.randn(8, 1, 3, 3), group_size=group_size, tile=tile)
+    cols = DRColumns.from_dense(torch.randn(8, 1, 3, 3), group_size=group_size)
     with emulation.record_launches() as launches:
         dw_dr(x, cols, None, padding=1, backend="emu")
     (launch,) = launches
     assert launch.entry == "deprune_dw_dr" and launch.dynamic_smem == 0
-    assert {name.split("::")[-1] for name in launch.shared_arrays} >= {"s_w", "s_x"}, launch.shared_arrays
+    assert {name.split("::")[-1] for name in launch.shared_arrays} >= {"s_buf", "s_py", "s_dy"}, launch.shared_arrays
     return launch.static_smem
 
 
@@ -94,10 +93,12 @@ def planner_disagreements() -> list[str]:
     """One line per configuration where ``dr_static_smem_bytes`` (looked up at call time, so a test can
     replace it) differs from what the kernel declares."""
     out = []
-    for gs, tile, layout in SMEM_CONFIGS:
-        planned, declared = dw_dr_module.dr_static_smem_bytes(gs, tile), declared_static_smem(gs, tile, layout)
+    for gs, dtype, layout in SMEM_CONFIGS:
+        tensor_cores = dtype != "fp32"
+        planned = dw_dr_module.dr_static_smem_bytes(gs, tensor_cores)
+        declared = declared_static_smem(gs, dtype, layout)
         if planned != declared:
-            out.append(f"group_size={gs} tile={tile}: planner {planned} bytes, kernel declares {declared}")
+            out.append(f"group_size={gs} {dtype}: planner {planned} bytes, kernel declares {declared}")
     return out
 
 
@@ -105,12 +106,21 @@ def test_static_smem_planner_matches_the_kernel():
     assert planner_disagreements() == []
 
 
+_PLANNED = dw_dr_module.dr_static_smem_bytes
+_PT = dw_dr_module.dr_positions_per_cta
+
+
+def _rows(gs: int) -> int:
+    return -(-gs // 16) * 16
+
+
 @pytest.mark.parametrize("wrong", [
-    # forgets the +1 padding column of s_x
-    lambda gs, tile: 4 * (tile * -(-gs // 16) * 16 + tile * 64 + 4 * tile + 2 * 64),
-    # does not round the W tile's rows up to the 16-row thread grid
-    lambda gs, tile: 4 * (tile * gs + tile * 65 + 4 * tile + 2 * 64),
-], ids=["no-s_x-padding", "no-row-rounding"])
+    # sizes the X tile as the fp32 [column][position] tile on both paths (wrong where it outgrows the output
+    # tile: 16-row ranges)
+    lambda gs, tc: 4 * (max(32 * (_PT(gs) + 1), _rows(gs) * (_PT(gs) + 1)) + 2 * _PT(gs) + 7 * 32),
+    # does not round the rows up to whole 16-row MMA tiles
+    lambda gs, tc: _PLANNED(gs, tc) - 4 * (_rows(gs) - gs) * (_PT(gs) + 1),
+], ids=["x-tile-layout", "no-row-rounding"])
 def test_wrong_static_smem_planner_is_caught(monkeypatch, wrong):
     monkeypatch.setattr(dw_dr_module, "dr_static_smem_bytes", wrong)
     assert planner_disagreements()

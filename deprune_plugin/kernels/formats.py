@@ -256,6 +256,23 @@ class DRColumns:
         """K'_g of each range, before padding."""
         return [int(k) for k in self.col_kept.cpu()]
 
+    def host_counts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """``(K'_g per range, kept columns per tap i * kw + j over all ranges)`` as host tuples, read from the
+        tensors once and cached on this object (launch planners need them without a device sync per call;
+        build a new DRColumns, e.g. with :meth:`to`, after changing ``col_kept`` or ``col_tap`` in place)."""
+        cached = self.__dict__.get("_host_counts")
+        if cached is None:
+            kept = self.col_kept.cpu().to(torch.int64)
+            ptr = self.col_ptr.cpu().to(torch.int64)
+            taps = self.col_tap.cpu().to(torch.int64)
+            kh, kw = self.kernel_size
+            real = torch.cat([taps[int(p):int(p) + int(k)] for p, k in zip(ptr[:-1], kept)]) if kept.numel() \
+                else taps[:0]
+            per_tap = torch.bincount(real, minlength=kh * kw)
+            cached = (tuple(int(k) for k in kept), tuple(int(v) for v in per_tap))
+            self.__dict__["_host_counts"] = cached
+        return cached
+
     def to_dense(self) -> torch.Tensor:
         """The masked dense weight ``[C, 1, kh, kw]`` float32 (padding columns add 0)."""
         kh, kw = self.kernel_size
