@@ -5,7 +5,6 @@ made about the kernels: no spills, 128-bit loads, little halo re-staging, HMMA i
 copy bandwidth modelled for the direct kernel."""
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -18,14 +17,6 @@ from deprune_plugin.kernels.report import (ARCHS, DWLayer, analyze_sass, find_to
                                            load_layers, occupancy, save_layers)
 
 RESULTS = Path(__file__).resolve().parents[1] / "examples" / "results"
-# The promises below are about the rebuilt kernels (issue 13). With the launchers of before (no *_plan
-# planner) they fail, as the baseline report shows: expected failures there, strict so a pass is noticed.
-_REBUILT_DIRECT = hasattr(importlib.import_module("deprune_plugin.kernels.dw_direct"), "dw_direct_plan")
-_REBUILT_DR = hasattr(importlib.import_module("deprune_plugin.kernels.dw_dr"), "dw_dr_plan")
-needs_rebuilt_direct = pytest.mark.xfail(not _REBUILT_DIRECT, strict=True,
-                                         reason="the direct kernel before issue 13 (no dw_direct_plan)")
-needs_rebuilt_dr = pytest.mark.xfail(not _REBUILT_DR, strict=True,
-                                     reason="the DR kernel before issue 13 (no dw_dr_plan)")
 TOOLS = find_tool("nvcc") is not None and find_tool("cuobjdump") is not None
 ROW_FIELDS = {"layer", "kernel", "registers", "spills", "occupancy", "global_load_bits", "staging_load_bits",
               "instr_per_staged_element", "instr_per_mac", "staged_over_unique", "bytes_moved", "bytes_min",
@@ -171,7 +162,6 @@ def test_no_kernel_spills(mbv2_report):
 
 @pytest.mark.nvcc
 @pytest.mark.skipif(not TOOLS, reason="nvcc or cuobjdump not found")
-@needs_rebuilt_direct
 def test_direct_stages_little_halo_on_large_stride1_layers(mbv2_report):
     rows = [r for r in mbv2_report["layers"] if r["kernel"] == "direct" and r["geometry"]["stride"] == [1, 1]
             and r["geometry"]["oh"] >= 28 and r["geometry"]["ow"] >= 28]
@@ -181,7 +171,6 @@ def test_direct_stages_little_halo_on_large_stride1_layers(mbv2_report):
 
 @pytest.mark.nvcc
 @pytest.mark.skipif(not TOOLS, reason="nvcc or cuobjdump not found")
-@needs_rebuilt_direct
 def test_fp16_nhwc_direct_loads_128_bits(mbv2_report):
     rows = [r for r in mbv2_report["layers"] if r["kernel"] == "direct"]
     assert {(r["global_load_bits"], r["staging_load_bits"]) for r in rows} == {(128, 128)}
@@ -189,7 +178,6 @@ def test_fp16_nhwc_direct_loads_128_bits(mbv2_report):
 
 @pytest.mark.nvcc
 @pytest.mark.skipif(not TOOLS, reason="nvcc or cuobjdump not found")
-@needs_rebuilt_dr
 def test_dr_runs_on_tensor_cores(mbv2_report):
     rows = [r for r in mbv2_report["layers"] if r["kernel"] == "dr"]
     assert all(r["tensor_cores"] for r in rows)
@@ -197,7 +185,6 @@ def test_dr_runs_on_tensor_cores(mbv2_report):
 
 @pytest.mark.nvcc
 @pytest.mark.skipif(not TOOLS, reason="nvcc or cuobjdump not found")
-@needs_rebuilt_direct
 def test_direct_is_modelled_at_60_percent_of_copy_bandwidth(mbv2_report):
     assert mbv2_report["summary"]["direct"]["modelled_pct_copy_bw"] >= 60
 
@@ -220,9 +207,17 @@ def test_deprune_kernels_command_writes_the_json(tmp_path, capsys):
     assert "direct:" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["kernels_report_baseline_sm90_b32_fp16.json"])
+@pytest.mark.parametrize("name", ["kernels_report_baseline_sm90_b32_fp16.json", "kernels_report_sm90_b32_fp16.json"])
 def test_committed_reports_hold_every_layer_and_kernel(name):
     rep = json.loads((RESULTS / name).read_text())
     assert (rep["arch"], rep["batch"], rep["dtype"]) == ("sm_90", 32, "float16")
     assert {(r["kernel"]) for r in rep["layers"]} == {"direct", "dr"} and len(rep["layers"]) == 34
     assert all(ROW_FIELDS <= set(r) for r in rep["layers"])
+
+
+def test_the_committed_reports_cover_the_same_layers():
+    """Side by side: the baseline and today's report are over the same pruned layers (geometry and kept taps)."""
+    old, new = (json.loads((RESULTS / f"kernels_report_{n}sm90_b32_fp16.json").read_text()) for n in ("baseline_", ""))
+    def key(rep):
+        return [(r["layer"], r["kernel"], r["kept_taps"], json.dumps(r["geometry"])) for r in rep["layers"]]
+    assert key(old) == key(new) and old["pruning"] == new["pruning"]
