@@ -159,9 +159,10 @@ class FastDWConv(nn.Module):
         self._generation, self._formats_gen = 0, -1
         self.choices: dict[tuple, str] = {}  # dispatch_key -> candidate name, kept across copies and saves
         self._dispatcher: KernelDispatcher | None = None
-        # plan_key(x) -> (dispatch_key, kernel name, callable): the launch plan of each input signature seen,
-        # valid while choices[dispatch_key] is still that name (see forward); dropped on every move or load.
-        self._calls: dict[tuple, tuple[tuple, str, Any]] = {}
+        # plan_key(x) -> (dispatch_key, kernel name, callable, backend): the launch plan of each input signature
+        # seen, valid while choices[dispatch_key] and the backend are unchanged (see forward); dropped on every
+        # move or load.
+        self._calls: dict[tuple, tuple[tuple, str, Any, str]] = {}
         self.plan_notes: dict[str, str] = {}  # kernel -> why its calls could not be planned (if ever)
 
     def extra_repr(self) -> str:
@@ -265,13 +266,15 @@ class FastDWConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._compiled_forward(x)
+        # The hot path: a known signature (its key holds the device) whose choice and backend have not changed
+        # runs its plan (one allocation, one launch). choices and backend may be edited from outside (restored,
+        # set by hand), hence the checks; an input that needs gradients never runs a kernel.
+        hit = self._calls.get(plan_key(x))
+        if (hit is not None and hit[3] == self.backend and self.choices.get(hit[0]) == hit[1]
+                and not (x.requires_grad and torch.is_grad_enabled()) and not torch.jit.is_tracing()):
+            return hit[2](x)
         if not self._uses_kernels(x) or torch.jit.is_tracing():
             return self.dense(x)
-        # The hot path: a known signature whose choice has not changed runs its plan (one allocation, one
-        # launch). choices may be edited from outside (restored, set by hand), hence the name check.
-        hit = self._calls.get(plan_key(x))
-        if hit is not None and self.choices.get(hit[0]) == hit[1]:
-            return hit[2](x)
         return self._first_call(x)
 
     def _first_call(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,7 +285,7 @@ class FastDWConv(nn.Module):
         if name is None:  # first call with this signature: check and time the candidates
             name = self.choices[key] = self.dispatcher().select(x, self).name
         if name == "dense":
-            self._calls[plan_key(x)] = (key, name, self.dense)
+            self._calls[plan_key(x)] = (key, name, self.dense, self.backend)
             return self.dense(x)
         plan, y, why = plan_call(lambda t: self.run_kernel(name, t), x, self._kernel_tensors(name))
         if plan is None:
@@ -290,7 +293,7 @@ class FastDWConv(nn.Module):
             call = functools.partial(self.run_kernel, name)
         else:
             call = plan
-        self._calls[plan_key(x)] = (key, name, call)
+        self._calls[plan_key(x)] = (key, name, call, self.backend)
         return y
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
