@@ -190,8 +190,9 @@ __device__ __forceinline__ void load_lane(const scalar_t* p, float* f) {
 }
 
 // Shared-memory bytes of the NHWC layout: s_in[IN_H][IN_W][CB] storage | s_w[KT][CB] fp32 |
-// s_mask[MASK_WORDS][CB] (bit t of word t / 32: tap t kept). s_in first: 16-byte aligned for the vectors.
-constexpr int NHWC_IN_BYTES = IN_H * IN_W * CB * static_cast<int>(sizeof(scalar_t));
+// s_mask[MASK_WORDS][CB] (bit t of word t / 32: tap t kept). s_in first: 16-byte aligned for the vectors;
+// its size rounded up to 16 bytes so that s_w stays aligned for any CB (an odd CB of 16-bit scalars).
+constexpr int NHWC_IN_BYTES = (IN_H * IN_W * CB * static_cast<int>(sizeof(scalar_t)) + 15) / 16 * 16;
 // NCHW: s_val[KT] fp32 | s_off[KT] int | s_in[IN_H][IN_W] storage.
 
 }  // namespace dwd

@@ -87,9 +87,19 @@ def ptxas_usage(log: str) -> tuple[int, int, int]:
     return int(regs[0]), int(spills[0][0]), int(spills[0][1])
 
 
+def sass_of(cubin: Path) -> str:
+    return subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+
+
+def runtime_divisions(sass: str) -> int:
+    """Integer divisions by run-time values: each compiles to a reciprocal seeded by ``I2F.RP`` (divisions by
+    constants are multiply-shifts and leave none)."""
+    return sass.count("I2F.RP")
+
+
 def global_accesses(cubin: Path) -> dict[str, int]:
     """Counts of each global load / store opcode (``LDG.E.128``, ``STG.E.U16``, ...) in the SASS."""
-    sass = subprocess.run([CUOBJDUMP, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    sass = sass_of(cubin)
     counts: dict[str, int] = {}
     for op in re.findall(r"\b((?:LDG|STG)(?:\.[A-Z0-9_]+)*)", sass):
         counts[op] = counts.get(op, 0) + 1
@@ -120,6 +130,16 @@ def test_vector_path_sass_has_128_bit_global_accesses(src, tmp_path):
     assert loads128 >= 4, ops  # the staging loop's 4 loads in flight, each 16 bytes
     assert stores128 >= 1, ops
     assert not narrow, ops     # no element-wise fp16/bf16 traffic left
+
+
+@pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found")
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_one_runtime_division_per_cta(layout, tmp_path):
+    """Geometry is compile-time: the only division by a run-time value left is the CTA's tile row
+    (blockIdx.x / tiles_w); the staging and tap loops divide by constants only (before: 14 in NHWC)."""
+    plan = dw_direct_plan(dw_geometry(144, 56, 3, 1, nhwc=layout == "nhwc"), torch.float16)
+    sass = sass_of(_compile(specialize(plan.source, plan.defines).code, "90", str(tmp_path))[0])
+    assert runtime_divisions(sass) == 1
 
 
 @pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found")

@@ -71,8 +71,8 @@ def _tile_widths(ow: int) -> list[int]:
 def _smem(g: ConvGeometry, elem: int, tile_h: int, tile_w: int, cb: int) -> int:
     in_h, in_w = g.input_window(tile_h, tile_w)
     kt = g.kh * g.kw
-    if g.nhwc:  # s_in[in_h][in_w][cb] storage | s_w[kt][cb] fp32 | s_mask[ceil(kt/32)][cb] uint32
-        return in_h * in_w * cb * elem + 4 * kt * cb + 4 * (-(-kt // 32)) * cb
+    if g.nhwc:  # s_in[in_h][in_w][cb] storage (padded to 16 bytes) | s_w[kt][cb] fp32 | s_mask[ceil(kt/32)][cb]
+        return -(-in_h * in_w * cb * elem // 16) * 16 + 4 * kt * cb + 4 * (-(-kt // 32)) * cb
     return 8 * kt + in_h * in_w * elem  # s_val[kt] fp32 | s_off[kt] int | s_in[in_h][in_w] storage
 
 
