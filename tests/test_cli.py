@@ -469,3 +469,16 @@ def test_kept_str_is_the_one_run_length_format():
     assert kept_str([7, 5, 5, 7]) == "7,5x2,7"
     assert kept_str([]) == ""
     assert not hasattr(cli, "_kept_str")  # one definition: the CLI imports it
+
+
+def test_prune_recalibrates_by_default_and_distils_on_request(tmp_path, capsys):
+    code = main(["prune", *QUICK, "--distill", "--taps", "geometry", "--no-figure", "--out", str(tmp_path / "a.pt")])
+    assert code == 0
+    top1 = load_extra(tmp_path / "a.pt")["metrics"]["top1"]
+    assert set(top1) == {"before", "pruned", "recalibrated", "after"}
+    assert all(0.0 <= v <= 100.0 for v in top1.values())
+    args = load_extra(tmp_path / "a.pt")["args"]
+    assert args["distill"] is True and args["taps"] == "geometry"
+    code = main(["prune", *QUICK, "--no-recalibrate", "--no-figure", "--out", str(tmp_path / "b.pt")])
+    assert code == 0
+    assert set(load_extra(tmp_path / "b.pt")["metrics"]["top1"]) == {"before", "pruned", "after"}

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..core.masks import is_depthwise, tap_mask
+from ..core.padding import conv_padding, plain_forward
 from ..kernels.activations import activation_of_module
 from .fold import Chain, Trace, fold_bn
 from .modules import FastDWConv
@@ -59,39 +60,6 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _same_padding_class() -> tuple[type, ...]:
-    try:
-        from timm.layers import Conv2dSame  # timm's TF-"SAME" conv: padding depends on the input size
-    except ImportError:  # pragma: no cover - timm is a dependency, but the rule must not need it
-        return ()
-    return (Conv2dSame,)
-
-
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int, int, int] | str | None:
-    """The conv's zero padding as ``(top, bottom, left, right)``, ``"same"`` (TF-style, per input size) or
-    None when it is not a plain zero-padded conv (custom forward, reflect/replicate/circular padding)."""
-    if getattr(conv, "padding_mode", "zeros") != "zeros" or not _plain_forward(conv):
-        return None
-    if isinstance(conv, _same_padding_class()):
-        return "same"
-    if conv.padding == "valid":
-        return (0, 0, 0, 0)
-    if conv.padding == "same":  # PyTorch's static "same" (stride 1): the odd pixel goes after
-        pads = []
-        for k, d in zip(conv.kernel_size, conv.dilation):
-            total = d * (k - 1)
-            pads += [total // 2, total - total // 2]
-        return tuple(pads)
-    ph, pw = conv.padding
-    return (ph, ph, pw, pw)
-
-
-def _plain_forward(conv: nn.Conv2d) -> bool:
-    """A conv whose forward is ``nn.Conv2d``'s (any padding mode) or timm's ``Conv2dSame``: folding a
-    BatchNorm into its weights is exact. Other subclasses (weight standardisation, ...) are left alone."""
-    return type(conv).forward is nn.Conv2d.forward or isinstance(conv, _same_padding_class())
-
-
 def _identity_or(module: nn.Module | None) -> nn.Module:
     return module if module is not None else nn.Identity()
 
@@ -114,7 +82,7 @@ def plan_edits(fast: nn.Module, trace: Trace, chains: dict[nn.Conv2d, Chain], *,
         if dw and trace.count.get(conv, 0) != 1:
             left.append(ReportEntry(name, "left", "not called exactly once in a forward pass"))
             continue
-        if not dw and not (fold_batchnorm and ch.bn is not None and _plain_forward(conv)):
+        if not dw and not (fold_batchnorm and ch.bn is not None and plain_forward(conv)):
             continue
         if dw and padding is None:
             left.append(ReportEntry(name, "left", f"{type(conv).__name__} with padding_mode={conv.padding_mode!r}"

@@ -32,6 +32,7 @@ PROG = "deprune"
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 DEBUG_ENV = "DEPRUNE_DEBUG"
+RECALIBRATION_BATCHES = 20  # batches of training data for BatchNorm recalibration after pruning
 
 
 class BadInput(Exception):
@@ -53,6 +54,16 @@ def _ratio(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"ratio must be in [0, 1), got {text}")
+    return value
+
+
+def _ratio_closed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
 
 
@@ -108,6 +119,16 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
                    help="epochs after pruning (default: %(default)s)")
     g.add_argument("--lr", type=_positive_float, default=0.05, help="pre-training lr (default: %(default)s)")
     g.add_argument("--finetune-lr", type=_positive_float, default=0.05, help="fine-tuning lr (default: %(default)s)")
+    g.add_argument("--no-recalibrate", action="store_true",
+                   help="do not re-estimate BatchNorm statistics right after pruning (default: recalibrate)")
+    g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
+                   help="fine-tune with knowledge distillation from the unpruned model (default: off)")
+    g.add_argument("--kd-temperature", type=_positive_float, default=4.0, help="(default: %(default)s)")
+    g.add_argument("--kd-alpha", type=_ratio_closed, default=0.5,
+                   help="weight of the soft-target loss in [0, 1] (default: %(default)s)")
+    g.add_argument("--taps", default="magnitude", choices=["magnitude", "geometry"],
+                   help="DW tap importance: |w| (the paper) or |w| x fraction of outputs where the tap reads "
+                        "real input (default: %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="pruned.pt", help="output model file (default: %(default)s)")
     g.add_argument("--figure", default=None, metavar="PATH.png", help="report figure (default: next to --out)")
@@ -170,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``deprune`` argument parser (errors raise :class:`BadInput`)."""
     parser = _Parser(prog=PROG, description="DEPrune for torch-pruning: prune, inspect and benchmark DSConv CNNs.",
                      epilog=f"--debug (anywhere) or {DEBUG_ENV}=1: show the traceback of an internal error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,export,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prune,inspect,export,bench,compare}")
     p = sub.add_parser("prune", help="train, prune, fine-tune, measure and save a model",
                        description=_PRUNE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_prune_arguments(p)
@@ -195,9 +216,87 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow full unpickling for a file that needs it; ONLY for files you made")
     p.set_defaults(func=run_export)
     _add_bench(sub)
+    _add_compare(sub)
     _add_kernels(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="accuracy of DEPrune plain/B/BH vs channel pruning vs 2:4, several seeds",
+                       description=_COMPARE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", help="'digits' (built in) or a CIFAR-10 / ImageFolder folder")
+    p.add_argument("--model", default="mobilenetv2_050", help="timm model name (default: %(default)s)")
+    p.add_argument("--image-size", type=_int_at_least(8), default=32, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=_int_at_least(2), default=64, help="(default: %(default)s)")
+    p.add_argument("--limit", type=_int_at_least(2), default=None, help="use at most N images per split")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="any of: dense deprune deprune-b deprune-bh dw-only pw-only channels 2:4 "
+                        "(default: dense deprune deprune-b deprune-bh channels 2:4)")
+    p.add_argument("--dense-epochs", type=_int_at_least(0), default=12, help="(default: %(default)s)")
+    p.add_argument("--finetune-epochs", type=_int_at_least(0), default=6, help="(default: %(default)s)")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="dense training lr (default: %(default)s)")
+    p.add_argument("--finetune-lr", type=_positive_float, default=0.01, help="(default: %(default)s)")
+    p.add_argument("--dw", type=_ratio, default=0.78, help="DW tap pruning ratio (default: %(default)s)")
+    p.add_argument("--pw", type=_ratio, default=0.5, help="PW-conv2 filter pruning ratio (default: %(default)s)")
+    p.add_argument("--taps", default="geometry", choices=["magnitude", "geometry"], help="(default: %(default)s)")
+    p.add_argument("--channel-floor", action="store_true", help="keep one input-reading tap per channel")
+    p.add_argument("--no-recalibrate", action="store_true", help="no BatchNorm recalibration after pruning")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
+                   help="distil from the dense model while fine-tuning (default: off)")
+    p.add_argument("--json", default=None, metavar="PATH.json", help="write the results as JSON")
+    p.add_argument("--figure", default=None, metavar="PATH.png", help="accuracy vs MACs plot")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_compare)
+
+
+_COMPARE_DOC = """\
+Prune one trained model several ways, fine-tune each with the same recipe, over several seeds; print a
+table (mean ± std) and optionally write JSON and a PNG (accuracy vs non-zero MACs). Channel pruning is
+matched to DEPrune-BH's non-zero MACs.
+
+Example (about 10 minutes on a 2-core CPU, built-in digits data):
+  deprune compare --json compare.json --figure compare.png
+"""
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """``deprune compare``: see :mod:`deprune_plugin.app.compare`. Returns the exit status."""
+    import torch
+
+    from .compare import DEFAULT_METHODS, CompareConfig, compare, format_table, plot_compare, write_json
+
+    for path, what in ((args.json, "--json"), (args.figure, "--figure")):
+        if path:
+            _check_writable(path, what)
+    try:
+        cfg = CompareConfig(data=args.data, model=args.model, image_size=args.image_size, batch_size=args.batch_size,
+                            limit=args.limit, seeds=tuple(args.seeds),
+                            methods=tuple(args.methods or DEFAULT_METHODS), dense_epochs=args.dense_epochs,
+                            finetune_epochs=args.finetune_epochs, lr=args.lr, finetune_lr=args.finetune_lr,
+                            dw=args.dw, pw=args.pw, taps=args.taps, channel_floor=args.channel_floor,
+                            recalibrate=not args.no_recalibrate, distill=args.distill, device=args.device,
+                            quiet=args.quiet)
+    except ValueError as e:
+        _fail(str(e))
+    before = _flush_denormal_enabled()
+    torch.set_flush_denormal(True)  # tiny weights after weight decay otherwise slow CPU training down a lot
+    try:
+        result = compare(cfg)
+    except ValueError as e:  # bad data folder or model name
+        _fail(str(e))
+    finally:
+        torch.set_flush_denormal(before)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.figure:
+        plot_compare(result, args.figure)
+        print(f"wrote {args.figure}")
+    return 0
 
 
 _PRUNE_DOC = """\
@@ -292,6 +391,7 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
     import torch
 
     from ..core.zoo import build_model, classifier_of
+    from ..tp_glue.importance import DEPruneImportance
     from ..tp_glue.pruner import DEPruner
     from .data import DIGITS, make_loaders, skipped_images
     from .training import reinit_classifier_, resolve_device
@@ -330,8 +430,9 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
               "(a batch of 1 crashes BatchNorm)")
     example = torch.randn(1, 3, args.image_size, args.image_size)
     try:
-        pruner = DEPruner(model, example, dw_pruning_ratio=args.dw, pw_pruning_ratio=args.pw,
-                          variant=args.variant, iterative_steps=args.steps, ignored_layers=[classifier_of(model)])
+        pruner = DEPruner(model, example, importance=DEPruneImportance(taps=args.taps),
+                          dw_pruning_ratio=args.dw, pw_pruning_ratio=args.pw, variant=args.variant,
+                          iterative_steps=args.steps, ignored_layers=[classifier_of(model)])
     except (ValueError, TypeError) as e:
         hint = " (on the command line: --pw 0)" if "pw_pruning_ratio=0" in str(e) else ""
         _fail(f"cannot prune {args.model!r}: {e}{hint}")
@@ -403,6 +504,7 @@ def _warn(message: str) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from ..core.recalibration import recalibrate_bn
     from ..tp_glue.serialization import save
     from .plotting import plot_report
     from .training import evaluate, train
@@ -431,13 +533,24 @@ def _prune(args: argparse.Namespace) -> int:
     prune_seconds = time.perf_counter() - t0
     model.cpu()
     summary = pruner.summary()
+    top1_pruned = evaluate(model, s.test_loader, dev, q)
+    top1_recal = None
+    if not args.no_recalibrate:
+        recalibrate_bn(model, s.train_loader, RECALIBRATION_BATCHES, device=dev, quiet=q)
+        top1_recal = evaluate(model, s.test_loader, dev, q)
+        say(f"top-1 right after pruning: {top1_pruned:.2f}%, after BatchNorm recalibration: {top1_recal:.2f}%")
+    else:
+        say(f"top-1 right after pruning: {top1_pruned:.2f}%")
     if args.finetune_epochs:
-        say(f"fine-tuning {args.finetune_epochs} epoch(s)")
-        train(model, s.train_loader, args.finetune_epochs, args.finetune_lr, dev, q, desc="fine-tune")
+        say(f"fine-tuning {args.finetune_epochs} epoch(s)" + (" with distillation" if args.distill else ""))
+        train(model, s.train_loader, args.finetune_epochs, args.finetune_lr, dev, q, desc="fine-tune",
+              teacher=dense if args.distill else None, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)
     top1_after = evaluate(model, s.test_loader, dev, q)
     model.cpu()
+    dense.cpu()
     metrics = {
-        "top1": {"before": top1_before, "after": top1_after},
+        "top1": {"before": top1_before, "pruned": top1_pruned,
+                 **({} if top1_recal is None else {"recalibrated": top1_recal}), "after": top1_after},
         "macs": {"before": summary.before.macs, "after": summary.after.macs},
         "params": {"before": summary.before.params, "after": summary.after.params},
         "dw_ratio": summary.dw_ratio, "dw_hsr": summary.dw_hsr_pattern, "pw_hsr": summary.pw_hsr_pattern,

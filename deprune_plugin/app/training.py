@@ -13,6 +13,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..core.distillation import distillation_loss
+
 SCHEDULES = ("cosine", "step", "constant")
 
 
@@ -71,7 +73,8 @@ def _scheduler(opt: torch.optim.Optimizer, schedule: str, total_steps: int):
 
 def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
           device: str | torch.device = "cpu", quiet: bool = False, schedule: str = "cosine",
-          momentum: float = 0.9, weight_decay: float = 1e-4, desc: str = "train") -> list[float]:
+          momentum: float = 0.9, weight_decay: float = 1e-4, desc: str = "train",
+          teacher: nn.Module | None = None, kd_temperature: float = 4.0, kd_alpha: float = 0.5) -> list[float]:
     """Train ``model`` in place with cross-entropy; returns the mean loss of every epoch.
 
     An incomplete last batch is dropped (one of size 1 crashes BatchNorm in training mode); a loader whose
@@ -87,6 +90,9 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
         schedule: ``"cosine"`` (per iteration, to 0), ``"step"`` or ``"constant"``.
         momentum, weight_decay: SGD settings.
         desc: progress-bar label.
+        teacher: distil from this model (e.g. the unpruned one; run in eval mode, no gradients): the loss is
+            :func:`deprune_plugin.core.distillation.distillation_loss` with ``kd_temperature`` and
+            ``kd_alpha`` instead of plain cross-entropy.
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be an int >= 0, got {epochs!r}")
@@ -103,6 +109,8 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
         raise ValueError(f"training needs batches of at least 2 samples; the data has {size}")
     dev = resolve_device(device)
     model.to(dev).train()
+    if teacher is not None:
+        teacher.to(dev).eval()
     opt = make_optimizer(model, lr, momentum, weight_decay)
     sched = _scheduler(opt, schedule, epochs * steps)
     loss_fn = nn.CrossEntropyLoss()
@@ -115,7 +123,13 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
                 if i == steps:  # the incomplete last batch
                     break
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                loss = loss_fn(model(x), y)
+                logits = model(x)
+                if teacher is None:
+                    loss = loss_fn(logits, y)
+                else:
+                    with torch.no_grad():
+                        soft = teacher(x)
+                    loss = distillation_loss(logits, soft, y, kd_temperature, kd_alpha)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -44,18 +44,22 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def layer_macs(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
+def layer_macs(model: nn.Module, example_inputs: tuple, nonzero: bool = False) -> dict[str, int]:
     """MACs per sample of every conv and linear, by module name (only kept taps of masked DW convs:
-    ``Ho * Wo * kept``). The model runs once in eval mode; its training flag is restored."""
+    ``Ho * Wo * kept``). ``nonzero=True`` counts only the non-zero weights of every layer, as the layer
+    sees them in its forward (so other masks, e.g. ``torch.nn.utils.prune`` or 2:4, count too). The model
+    runs once in eval mode; its training flag is restored."""
     macs: dict[str, int] = {}
     batch = max(1, int(example_inputs[0].shape[0])) if isinstance(example_inputs[0], torch.Tensor) else 1
 
     def conv_hook(name, m, inp, out):
-        macs[name] = macs.get(name, 0) + out.shape[-1] * out.shape[-2] * _kept_weights(m) * out.shape[0] // batch
+        kept = int(torch.count_nonzero(m.weight)) if nonzero else _kept_weights(m)
+        macs[name] = macs.get(name, 0) + out.shape[-1] * out.shape[-2] * kept * out.shape[0] // batch
 
     def linear_hook(name, m, inp, out):
         positions = inp[0].numel() // m.in_features
-        macs[name] = macs.get(name, 0) + positions * m.in_features * m.out_features // batch
+        kept = int(torch.count_nonzero(m.weight)) if nonzero else m.in_features * m.out_features
+        macs[name] = macs.get(name, 0) + positions * kept // batch
 
     handles = []
     for name, m in model.named_modules():
@@ -74,6 +78,7 @@ def layer_macs(model: nn.Module, example_inputs: tuple) -> dict[str, int]:
     return macs
 
 
-def count_cost(model: nn.Module, example_inputs: tuple) -> Cost:
-    """MACs per sample (only unpruned taps, the sum of :func:`layer_macs`) and parameters of ``model``."""
-    return Cost(macs=sum(layer_macs(model, example_inputs).values()), params=count_params(model))
+def count_cost(model: nn.Module, example_inputs: tuple, nonzero: bool = False) -> Cost:
+    """MACs per sample (only unpruned taps, the sum of :func:`layer_macs`; ``nonzero``: only non-zero
+    weights) and parameters of ``model``."""
+    return Cost(macs=sum(layer_macs(model, example_inputs, nonzero).values()), params=count_params(model))

@@ -15,11 +15,15 @@ from .masks import is_depthwise
 
 @dataclass
 class ProbeRecord:
-    """What one forward pass shows: first-call order and input/output spatial sizes of each module."""
+    """What one forward pass shows: first-call order and input/output spatial sizes of each module.
+
+    ``example_in_hw``: input sizes at the example input's own resolution (equal to ``in_hw`` unless
+    :func:`probe_structure` had to probe again on an upscaled input)."""
 
     order: dict[nn.Module, int] = field(default_factory=dict)
     in_hw: dict[nn.Module, tuple[int, int]] = field(default_factory=dict)
     out_hw: dict[nn.Module, tuple[int, int]] = field(default_factory=dict)
+    example_in_hw: dict[nn.Module, tuple[int, int]] = field(default_factory=dict)
 
 
 def _spatial(m: nn.Module, t) -> tuple[int, int]:
@@ -45,6 +49,7 @@ def probe(model: nn.Module, inputs: tuple) -> ProbeRecord:
     finally:
         for h in handles:
             h.remove()
+    rec.example_in_hw = dict(rec.in_hw)
     return rec
 
 
@@ -58,7 +63,9 @@ def probe_structure(model: nn.Module, inputs: tuple) -> ProbeRecord:
     if any(h * w == 1 for h, w in dw_hw) and hasattr(x, "dim") and x.dim() == 4 and x.is_floating_point():
         big = torch.nn.functional.interpolate(x[:1], scale_factor=4, mode="nearest")
         try:
-            return probe(model, (big,) + tuple(inputs[1:]))
+            bigger = probe(model, (big,) + tuple(inputs[1:]))
+            bigger.example_in_hw = rec.in_hw
+            return bigger
         except Exception:  # noqa: BLE001 - the first record stays usable
             return rec
     return rec

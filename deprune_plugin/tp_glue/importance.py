@@ -6,6 +6,9 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from ..core.masks import is_depthwise, tap_mask
+from ..core.method.geometry import geometry_tap_scores, with_channel_floor
+
+TAP_CRITERIA = ("magnitude", "geometry")
 
 
 class DEPruneImportance(tp.importance.Importance):
@@ -18,20 +21,46 @@ class DEPruneImportance(tp.importance.Importance):
     so a 9-tap DW filter and a 576-wide PW filter weigh the same, and averaged over members. Dispatch is by
     layer type and handler name, not function identity, so it also works for customized pruners.
 
-    DW taps themselves are scored by :meth:`tap_scores` (``|w|``, the paper's magnitude criterion).
+    DW taps themselves are scored by :meth:`tap_scores`: ``|w|`` (the paper's magnitude criterion) or, with
+    ``taps="geometry"`` (beyond the paper), ``|w|`` times the fraction of the layer's output positions at
+    which the tap reads real input at the example input's resolution, so taps that only ever multiply zero
+    padding score zero (:mod:`deprune_plugin.core.method.geometry`).
 
     Args:
         p: norm order of filter scores (2 = the paper's l2 criterion).
+        taps: ``"magnitude"`` or ``"geometry"`` (see above).
+        channel_floor: lift each channel's best (input-reading) tap above the rest of the layer, so every
+            channel keeps one wherever BWT keeps at least one tap per channel of a range.
     """
 
-    def __init__(self, p: float = 2.0) -> None:
-        if p <= 0:
-            raise ValueError(f"p must be > 0, got {p}")
+    def __init__(self, p: float = 2.0, taps: str = "magnitude", channel_floor: bool = False) -> None:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
+            raise ValueError(f"p must be a number > 0, got {p!r}")
+        if taps not in TAP_CRITERIA:
+            raise ValueError(f"taps must be one of {TAP_CRITERIA}, got {taps!r}")
+        if not isinstance(channel_floor, bool):
+            raise TypeError(f"channel_floor must be a bool, got {channel_floor!r}")
         self.p = p
+        self.taps = taps
+        self.channel_floor = channel_floor
 
-    def tap_scores(self, weight: torch.Tensor) -> torch.Tensor:
-        """Score of each DW tap, shape of ``weight`` (``[C, 1, kh, kw]``): ``|w|``."""
-        return weight.detach().abs()
+    def __repr__(self) -> str:
+        return f"DEPruneImportance(p={self.p}, taps={self.taps!r}, channel_floor={self.channel_floor})"
+
+    def tap_scores(self, weight: torch.Tensor, coverage: torch.Tensor | None = None) -> torch.Tensor:
+        """Score of each DW tap, shape of ``weight`` (``[C, 1, kh, kw]``).
+
+        Args:
+            weight: the DW conv's weight.
+            coverage: ``[kh, kw]`` fraction of output positions at which each tap reads real input (the
+                pruner passes it, from the example input); ignored by ``taps="magnitude"``, and ``None``
+                (unknown geometry) falls back to the magnitude.
+        """
+        if self.taps == "geometry" and coverage is not None:
+            scores = geometry_tap_scores(weight, coverage)
+        else:
+            scores = weight.detach().abs()
+        return with_channel_floor(scores) if self.channel_floor else scores
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:

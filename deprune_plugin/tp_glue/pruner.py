@@ -28,8 +28,10 @@ from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 from ..core.checks import check_bool, check_positive_int, check_ratio
 from ..core.cost import Cost, count_cost
 from ..core.masks import attach_tap_mask, is_depthwise, slice_tap_mask, tap_mask
-from ..core.method import bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range
+from ..core.method import (bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range,
+                           tap_coverage)
 from ..core.method.hsr import HSRDecision
+from ..core.padding import conv_padding, same_padding
 from ..core.probe import probe_structure
 from ..core.summary import LayerRow, Summary
 from .adapters import run_fixups
@@ -328,9 +330,27 @@ class DEPruner(tp.pruner.BasePruner):
     def _out_channels(m: nn.Module) -> int:
         return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
-    def _tap_scores(self, w: torch.Tensor) -> torch.Tensor:
+    def _coverage(self, conv: nn.Module) -> torch.Tensor | None:
+        """``[kh, kw]`` fraction of output positions at which each tap reads real input, at the example
+        input's resolution; None where the probe did not see the conv or its padding is not plain zeros."""
+        hw = self._probe_record.example_in_hw.get(conv)
+        pad = conv_padding(conv) if isinstance(conv, nn.Conv2d) else None
+        if hw is None or pad is None:
+            return None
+        if pad == "same":
+            pad = same_padding(hw[0], conv.kernel_size[0], conv.stride[0], conv.dilation[0]) + \
+                same_padding(hw[1], conv.kernel_size[1], conv.stride[1], conv.dilation[1])
+        return tap_coverage(hw, tuple(conv.kernel_size), tuple(conv.stride), pad, tuple(conv.dilation))
+
+    def _tap_scores(self, conv: nn.Module) -> torch.Tensor:
         fn = getattr(self.importance, "tap_scores", None)
-        return fn(w) if fn is not None else w.detach().abs()
+        if fn is None:
+            return conv.weight.detach().abs()
+        try:  # importances written for the one-argument form (weight only) keep working
+            takes_coverage = "coverage" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes_coverage = False
+        return fn(conv.weight, coverage=self._coverage(conv)) if takes_coverage else fn(conv.weight)
 
     def _alpha_fn(self, names: list[str], sizes: list[tuple[int, int]], channels: list[int]):
         if callable(self.hsr_alpha):
@@ -410,7 +430,7 @@ class DEPruner(tp.pruner.BasePruner):
     @torch.no_grad()
     def _prune_taps(self) -> None:
         convs = [(n, m) for n, m in self._dw if m.weight.shape[0] > 0]
-        scores = {m: self._tap_scores(m.weight) for _, m in convs}
+        scores = {m: self._tap_scores(m) for _, m in convs}
         targets = {m: self._dw_ratio(m) for _, m in convs}
         if self.global_pruning:
             free = [m for _, m in convs if m not in self._dw_override]

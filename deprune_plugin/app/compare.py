@@ -1,0 +1,281 @@
+"""``deprune compare``: prune one trained model several ways and fine-tune each the same way.
+
+Per seed: train the dense model once, then for every method prune a copy, measure accuracy right after
+pruning (with and without BatchNorm recalibration), fine-tune with one recipe for all (optionally distilling
+from the dense model) and measure again. Methods (:data:`METHODS`):
+
+- ``dense``: no pruning (fine-tuned with the same recipe, so its extra epochs are no advantage);
+- ``deprune``, ``deprune-b``, ``deprune-bh``: DEPrune plain / B / BH at ``dw`` / ``pw``;
+- ``dw-only``, ``pw-only``: DEPrune-B's two halves alone (what each costs in accuracy);
+- ``channels``: plain torch-pruning channel pruning (l2 groups, every group) at the ratio whose non-zero
+  MACs match DEPrune-BH's (matched MACs, not latency: the count does not depend on the machine);
+- ``2:4``: 2:4 semi-structured sparsity on every DW conv and every 1x1 conv.
+
+MACs are counted over non-zero weights (pruned taps and 2:4 zeros are work a sparse kernel skips).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..core.cost import count_cost
+from ..core.recalibration import recalibrate_bn
+from ..core.semi_structured import apply_nm_sparsity
+from ..core.zoo import build_model, classifier_of
+from ..tp_glue.baselines import channel_prune, ratio_for_macs
+from ..tp_glue.importance import TAP_CRITERIA, DEPruneImportance
+from ..tp_glue.pruner import DEPruner
+from .data import make_loaders
+from .training import evaluate, reinit_classifier_, resolve_device, train
+
+__all__ = ["CompareConfig", "METHODS", "DEFAULT_METHODS", "compare", "format_table", "plot_compare"]
+
+
+@dataclass
+class CompareConfig:
+    """One comparison: data, model, recipe (the same for every method), methods and seeds."""
+
+    data: str = "digits"
+    model: str = "mobilenetv2_050"
+    source: str = "timm"
+    image_size: int = 32
+    batch_size: int = 64
+    limit: int | None = None
+    seeds: Sequence[int] = (0, 1, 2)
+    methods: Sequence[str] = ("dense", "deprune", "deprune-b", "deprune-bh", "channels", "2:4")
+    dense_epochs: int = 12
+    finetune_epochs: int = 6
+    lr: float = 0.05
+    finetune_lr: float = 0.01
+    dw: float = 0.78
+    pw: float = 0.5
+    taps: str = "geometry"
+    channel_floor: bool = False
+    recalibrate: bool = True
+    recalibrate_batches: int = 20
+    distill: bool = False
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.5
+    match_iterations: int = 10  # bisection steps of the channel ratio that matches DEPrune-BH's MACs
+    device: str = "auto"
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty list of {sorted(METHODS)}, got {list(self.methods)!r}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed")
+        if self.taps not in TAP_CRITERIA:
+            raise ValueError(f"taps must be one of {TAP_CRITERIA}, got {self.taps!r}")
+        for name in ("dense_epochs", "finetune_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        for name in ("dw", "pw"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+
+
+@dataclass
+class _Context:
+    cfg: CompareConfig
+    example: torch.Tensor
+    bh_macs: int | None = None  # DEPrune-BH's non-zero MACs for this seed (channels matches it)
+
+
+def _ignored(model: nn.Module) -> list[nn.Module]:
+    head = classifier_of(model)
+    return [] if head is None else [head]
+
+
+def _deprune(variant: str, dw: float | None = None, pw: float | None = None) -> Callable[[nn.Module, _Context], None]:
+    def run(model: nn.Module, ctx: _Context) -> None:
+        imp = DEPruneImportance(taps=ctx.cfg.taps, channel_floor=ctx.cfg.channel_floor)
+        pruner = DEPruner(model, ctx.example, importance=imp, variant=variant,
+                          dw_pruning_ratio=ctx.cfg.dw if dw is None else dw,
+                          pw_pruning_ratio=ctx.cfg.pw if pw is None else pw, ignored_layers=_ignored(model))
+        pruner.step()
+    return run
+
+
+def _macs(model: nn.Module, ctx: _Context) -> int:
+    return count_cost(model, (ctx.example,), nonzero=True).macs
+
+
+def _bh_macs(dense: nn.Module, ctx: _Context) -> int:
+    if ctx.bh_macs is None:
+        probe = copy.deepcopy(dense)
+        _deprune("BH")(probe, ctx)
+        ctx.bh_macs = _macs(probe, ctx)
+    return ctx.bh_macs
+
+
+def _channels(model: nn.Module, ctx: _Context) -> None:
+    target = _bh_macs(model, ctx)
+
+    def macs_at(r: float) -> int:
+        trial = copy.deepcopy(model)
+        return _macs(channel_prune(trial, ctx.example, r, _ignored(trial)), ctx)
+
+    ratio = ratio_for_macs(macs_at, target, iterations=ctx.cfg.match_iterations)
+    channel_prune(model, ctx.example, ratio, _ignored(model))
+
+
+def _two_four(model: nn.Module, ctx: _Context) -> None:
+    apply_nm_sparsity(model, 2, 4, skip=_ignored(model))
+
+
+METHODS: dict[str, Callable[[nn.Module, _Context], None]] = {
+    "dense": lambda model, ctx: None,
+    "deprune": _deprune("plain"),
+    "deprune-b": _deprune("B"),
+    "deprune-bh": _deprune("BH"),
+    "dw-only": _deprune("B", pw=0.0),
+    "pw-only": _deprune("B", dw=0.0),
+    "channels": _channels,
+    "2:4": _two_four,
+}
+"""Method name -> ``prune(model, context)`` (in place)."""
+DEFAULT_METHODS = CompareConfig.methods
+
+
+@dataclass
+class RunResult:
+    """One (method, seed) run: non-zero MACs and params per sample, and top-1 (%) at each stage."""
+
+    method: str
+    seed: int
+    macs: int
+    params: int
+    top1_pruned: float
+    top1_recalibrated: float | None
+    top1_finetuned: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm) -> list[RunResult]:
+    dev = resolve_device(cfg.device)
+    train_loader, test_loader, num_classes = make_loaders(cfg.data, cfg.image_size, cfg.batch_size, cfg.limit, seed)
+    torch.manual_seed(seed)
+    dense = build_model(cfg.source, cfg.model, num_classes=num_classes)
+    reinit_classifier_(dense)
+    bar.set_postfix_str(f"seed {seed}: dense training")
+    train(dense, train_loader, cfg.dense_epochs, cfg.lr, dev, True, desc="dense")
+    dense.cpu().eval()
+    example = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    results = []
+    for method in cfg.methods:
+        bar.set_postfix_str(f"seed {seed}: {method}")
+        ctx = _Context(cfg, example)
+        model = copy.deepcopy(dense)
+        METHODS[method](model, ctx)
+        model.cpu()
+        top1_pruned = evaluate(model, test_loader, dev, True)
+        recal = None
+        if cfg.recalibrate and method != "dense":
+            recalibrate_bn(model, train_loader, cfg.recalibrate_batches, device=dev)
+            recal = evaluate(model, test_loader, dev, True)
+        model.cpu()
+        cost = count_cost(model, (example,), nonzero=True)
+        # The same batches in the same order for every method's fine-tuning.
+        torch.manual_seed(seed)
+        train_loader.generator.manual_seed(seed + 1)
+        teacher = copy.deepcopy(dense) if cfg.distill and method != "dense" else None
+        train(model, train_loader, cfg.finetune_epochs, cfg.finetune_lr, dev, True, desc=f"fine-tune {method}",
+              teacher=teacher, kd_temperature=cfg.kd_temperature, kd_alpha=cfg.kd_alpha)
+        results.append(RunResult(method, seed, cost.macs, cost.params, top1_pruned, recal,
+                                 evaluate(model, test_loader, dev, True)))
+        bar.update(1)
+    return results
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: Sequence[RunResult], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """Per method: mean and sample standard deviation over seeds of every measured value."""
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r.method == method]
+        if not mine:
+            continue
+        row: dict[str, Any] = {"method": method, "seeds": [r.seed for r in mine]}
+        for key in ("macs", "params", "top1_pruned", "top1_recalibrated", "top1_finetuned"):
+            vals = [getattr(r, key) for r in mine if getattr(r, key) is not None]
+            row[key] = _mean_std([float(v) for v in vals]) if vals else None
+        rows.append(row)
+    return rows
+
+
+def compare(cfg: CompareConfig) -> dict[str, Any]:
+    """Run the comparison; returns ``{"config", "runs": [...], "summary": [...]}`` (JSON-ready)."""
+    runs: list[RunResult] = []
+    with tqdm(total=len(cfg.seeds) * len(cfg.methods), desc="compare", disable=cfg.quiet) as bar:
+        for seed in cfg.seeds:
+            runs.extend(_one_seed(cfg, seed, bar))
+    config = asdict(cfg)
+    config["seeds"], config["methods"] = list(cfg.seeds), list(cfg.methods)
+    return {"config": config, "runs": [asdict(r) for r in runs],
+            "summary": summarize(runs, cfg.methods)}
+
+
+def _cell(v: tuple[float, float] | None, fmt: str = "{:.1f}") -> str:
+    if v is None:
+        return "-"
+    return f"{fmt.format(v[0])} ± {fmt.format(v[1])}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A Markdown table of the summary (mean ± std over seeds)."""
+    cfg = result["config"]
+    lines = [f"{cfg['model']} on {cfg['data']} {cfg['image_size']}x{cfg['image_size']}, seeds {cfg['seeds']}, "
+             f"{cfg['dense_epochs']} dense + {cfg['finetune_epochs']} fine-tune epochs (lr {cfg['finetune_lr']}), "
+             f"taps={cfg['taps']}, distill={cfg['distill']}",
+             "", "| method | MACs (non-zero) | right after pruning | + BN recalibration | after fine-tuning |",
+             "|---|---|---|---|---|"]
+    for row in result["summary"]:
+        macs = row["macs"][0] / 1e6
+        lines.append(f"| {row['method']} | {macs:.2f} M | {_cell(row['top1_pruned'])} | "
+                     f"{_cell(row['top1_recalibrated'])} | {_cell(row['top1_finetuned'])} |")
+    return "\n".join(lines)
+
+
+def plot_compare(result: dict[str, Any], path: str) -> None:
+    """PNG: accuracy after fine-tuning (mean ± std) against non-zero MACs, one point per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for row in result["summary"]:
+        x = row["macs"][0] / 1e6
+        y, err = row["top1_finetuned"]
+        ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=4, label=row["method"])
+        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    cfg = result["config"]
+    ax.set_xlabel("MACs per image, non-zero weights (M)")
+    ax.set_ylabel("top-1 after fine-tuning (%)")
+    ax.set_title(f"{cfg['model']}, {cfg['data']} {cfg['image_size']}px, {len(cfg['seeds'])} seeds")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    """The result as JSON (NaN-free: accuracies and MACs are finite numbers)."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1, allow_nan=False)
+        f.write("\n")
+
