@@ -135,6 +135,11 @@ static_assert(DEPRUNE_GROUP_SIZE >= 1 && DEPRUNE_GROUP_SIZE <= 128, "group size 
 static_assert(DR_KT % 16 == 0 && DR_KT <= DR_THREADS, "the K tile is whole K steps, one column per thread");
 static_assert(DR_PT % 64 == 0 && DR_PT >= 64, "positions per CTA: whole n8 tiles per warp, whole warps of lanes");
 static_assert(DR_GSP * DR_PT <= 32 * DR_THREADS, "at most 32 fp32 accumulators per thread");
+static_assert(DR_THREADS % DR_PT == 0 && DR_THREADS % DR_KT == 0, "fixed staging position / column per thread");
+
+// Resident CTAs per SM the register allocation must allow: 3 (<= 85 registers) up to 64 rows (32 accumulators
+// and 16 B-fragment registers fit), 2 for the 128-row ranges.
+#define DR_MIN_BLOCKS (DR_GSP <= 64 ? 3 : 2)
 
 #if DR_USE_MMA
 static_assert(sizeof(scalar_t) == 2, "the tensor-core path takes fp16 or bf16 storage");
@@ -188,7 +193,31 @@ __device__ __forceinline__ unsigned int dr_a_elem(unsigned int col, int row) {
     return (col >> 16) == static_cast<unsigned int>(row) ? (col & 0xffffu) : 0u;
 }
 
-extern "C" __global__ void __launch_bounds__(DR_THREADS, 2) deprune_dw_dr(
+// One im2col element X_g[column, position] of image xn: input (iy, ix) of the column's channel (element
+// offset `off`: the channel in NHWC, its plane in NCHW), or 0 outside the image. 32-bit index arithmetic:
+// one image has < 2^31 elements (checked on the host).
+__device__ __forceinline__ bool dr_inside(int iy, int ix, int H, int W) {
+    return static_cast<unsigned int>(iy) < static_cast<unsigned int>(H) &&
+           static_cast<unsigned int>(ix) < static_cast<unsigned int>(W);
+}
+__device__ __forceinline__ int dr_index(int iy, int ix, int off, int W, int C) {
+#if DEPRUNE_LAYOUT_NHWC
+    return (iy * W + ix) * C + off;
+#else
+    (void)C;
+    return off + iy * W + ix;
+#endif
+}
+__device__ __forceinline__ unsigned int dr_gather_bits(const scalar_t* __restrict__ xn, int iy, int ix, int off,
+                                                       int H, int W, int C) {
+    return dr_inside(iy, ix, H, W) ? dr_bits(xn[dr_index(iy, ix, off, W, C)]) : 0u;
+}
+__device__ __forceinline__ float dr_gather(const scalar_t* __restrict__ xn, int iy, int ix, int off, int H, int W,
+                                           int C) {
+    return dr_inside(iy, ix, H, W) ? deprune_to_float(xn[dr_index(iy, ix, off, W, C)]) : 0.0f;
+}
+
+extern "C" __global__ void __launch_bounds__(DR_THREADS, DR_MIN_BLOCKS) deprune_dw_dr(
     const scalar_t* __restrict__ x,        // [N, C, H, W] or [N, H, W, C]
     scalar_t* __restrict__ y,              // [N, C, OH, OW] or [N, OH, OW, C]
     const int* __restrict__ col_ptr,       // [G + 1] padded column offsets of the ranges
@@ -296,58 +325,55 @@ extern "C" __global__ void __launch_bounds__(DR_THREADS, 2) deprune_dw_dr(
         __syncthreads();
 
         // (2) im2col tile X_g, zero outside the image (padding), past the last position and for masked
-        // columns. NHWC: column-fastest (the columns of one tap are nearby channels of one pixel).
-        // NCHW: position-fastest (consecutive positions read consecutive input columns).
+        // columns. Each thread keeps one column (pair) for the whole tile in NHWC, one position in NCHW
+        // (THREADS is a multiple of KT/2 and of PT), so that half of the metadata sits in registers.
+        // NHWC: column-fastest (the columns of one tap are nearby channels of one pixel); NCHW:
+        // position-fastest (consecutive positions read consecutive input columns).
 #if DR_USE_MMA
+#if DEPRUNE_LAYOUT_NHWC
+        {
+            const int kp = tid % (DR_KT / 2);
+            const int dy0 = s_dy[2 * kp], dx0 = s_dx[2 * kp], off0 = s_coff[2 * kp];
+            const int dy1 = s_dy[2 * kp + 1], dx1 = s_dx[2 * kp + 1], off1 = s_coff[2 * kp + 1];
 #pragma unroll 4
-        for (int e = tid; e < DR_PT * (DR_KT / 2); e += DR_THREADS) {
-#if DEPRUNE_LAYOUT_NHWC
-            const int kp = e % (DR_KT / 2);
-            const int pp = e / (DR_KT / 2);
-#else
-            const int pp = e % DR_PT;
-            const int kp = e / DR_PT;
-#endif
-            unsigned int pair = 0u;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int k = 2 * kp + h;
-                const int iy = s_py[pp] + s_dy[k];
-                const int ix = s_px[pp] + s_dx[k];
-                if (static_cast<unsigned int>(iy) < static_cast<unsigned int>(H) &&
-                    static_cast<unsigned int>(ix) < static_cast<unsigned int>(W)) {
-#if DEPRUNE_LAYOUT_NHWC
-                    pair |= dr_bits(xn[(static_cast<long long>(iy) * W + ix) * C + s_coff[k]]) << (16 * h);
-#else
-                    pair |= dr_bits(xn[static_cast<long long>(s_coff[k]) + iy * W + ix]) << (16 * h);
-#endif
-                }
+            for (int pp = tid / (DR_KT / 2); pp < DR_PT; pp += DR_THREADS / (DR_KT / 2)) {
+                const int py = s_py[pp], px = s_px[pp];
+                const unsigned int lo = dr_gather_bits(xn, py + dy0, px + dx0, off0, H, W, C);
+                const unsigned int hi = dr_gather_bits(xn, py + dy1, px + dx1, off1, H, W, C);
+                s_xw[pp * DR_XS + kp] = lo | (hi << 16);
             }
-            s_xw[pp * DR_XS + kp] = pair;
         }
 #else
+        {
+            const int pp = tid % DR_PT;
+            const int py = s_py[pp], px = s_px[pp];
 #pragma unroll 4
-        for (int e = tid; e < DR_PT * DR_KT; e += DR_THREADS) {
-#if DEPRUNE_LAYOUT_NHWC
-            const int k = e % DR_KT;
-            const int pp = e / DR_KT;
-#else
-            const int pp = e % DR_PT;
-            const int k = e / DR_PT;
-#endif
-            const int iy = s_py[pp] + s_dy[k];
-            const int ix = s_px[pp] + s_dx[k];
-            float v = 0.0f;
-            if (static_cast<unsigned int>(iy) < static_cast<unsigned int>(H) &&
-                static_cast<unsigned int>(ix) < static_cast<unsigned int>(W)) {
-#if DEPRUNE_LAYOUT_NHWC
-                v = deprune_to_float(xn[(static_cast<long long>(iy) * W + ix) * C + s_coff[k]]);
-#else
-                v = deprune_to_float(xn[static_cast<long long>(s_coff[k]) + iy * W + ix]);
-#endif
+            for (int kp = tid / DR_PT; kp < DR_KT / 2; kp += DR_THREADS / DR_PT) {
+                const int k = 2 * kp;
+                const unsigned int lo = dr_gather_bits(xn, py + s_dy[k], px + s_dx[k], s_coff[k], H, W, C);
+                const unsigned int hi = dr_gather_bits(xn, py + s_dy[k + 1], px + s_dx[k + 1], s_coff[k + 1], H, W, C);
+                s_xw[pp * DR_XS + kp] = lo | (hi << 16);
             }
-            s_xf[k * DR_YS + pp] = v;
         }
+#endif
+#else
+#if DEPRUNE_LAYOUT_NHWC
+        {
+            const int k = tid % DR_KT;
+            const int dy = s_dy[k], dx = s_dx[k], off = s_coff[k];
+#pragma unroll 4
+            for (int pp = tid / DR_KT; pp < DR_PT; pp += DR_THREADS / DR_KT)
+                s_xf[k * DR_YS + pp] = dr_gather(xn, s_py[pp] + dy, s_px[pp] + dx, off, H, W, C);
+        }
+#else
+        {
+            const int pp = tid % DR_PT;
+            const int py = s_py[pp], px = s_px[pp];
+#pragma unroll 4
+            for (int k = tid / DR_PT; k < DR_KT; k += DR_THREADS / DR_PT)
+                s_xf[k * DR_YS + pp] = dr_gather(xn, py + s_dy[k], px + s_dx[k], s_coff[k], H, W, C);
+        }
+#endif
 #endif
         __syncthreads();
 
