@@ -256,3 +256,20 @@ def test_planned_layers_compile_in_one_graph_and_export():
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert sum("deprune.dw_direct" in t for t in targets) == 2, targets
     torch.testing.assert_close(ep.module()(x), eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_misaligned_input_gets_its_own_plan():
+    """Same signature, input 2 bytes off 16-byte alignment: the launcher picks its scalar path for it and the
+    vector path for an aligned input; each gets its own plan and both stay right."""
+    layer = _layer(torch.float16)
+    n, h, w = 2, 7, 9
+    base = torch.randn(n * h * w * C + 1).half()
+    misaligned = base[1:].view(n, h, w, C).permute(0, 3, 1, 2)  # channels_last at a 2-byte offset
+    aligned = misaligned.clone(memory_format=torch.channels_last)
+    assert dispatch_key(misaligned) == dispatch_key(aligned) and misaligned.data_ptr() % 16
+    layer.choices = {dispatch_key(aligned): "direct"}
+    with torch.no_grad():
+        for x in (misaligned, aligned, misaligned, aligned):
+            torch.testing.assert_close(layer(x), layer.dense(x), rtol=1e-2, atol=1e-2)
+    assert len(layer._calls) == 2 and all(isinstance(v[2], PlannedCall) for v in layer._calls.values())
+    assert len({v[2].src.hash for v in layer._calls.values()}) == 2  # two specialisations
