@@ -273,3 +273,39 @@ def test_a_misaligned_input_gets_its_own_plan():
             torch.testing.assert_close(layer(x), layer.dense(x), rtol=1e-2, atol=1e-2)
     assert len(layer._calls) == 2 and all(isinstance(v[2], PlannedCall) for v in layer._calls.values())
     assert len({v[2].src.hash for v in layer._calls.values()}) == 2  # two specialisations
+
+
+@pytest.mark.parametrize("kernel", ["direct", "dr"])
+def test_the_ops_gpu_implementations_keep_plans(kernel, monkeypatch):
+    """What a compiled graph calls on a GPU (run here through the emulation): the launcher once per (signature,
+    weights, version), the fp16 bias cast once; an in-place weight write starts a new plan."""
+    import importlib
+
+    from deprune_plugin.kernels import ops
+    from deprune_plugin.kernels.formats import CompactTaps, DRColumns
+
+    module = importlib.import_module(f"deprune_plugin.kernels.dw_{kernel}")
+    launcher = _Count(getattr(module, f"dw_{kernel}"))
+    monkeypatch.setattr(module, f"dw_{kernel}", launcher)
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(C, 1, 3, 3, generator=g) < 0.4
+    w, b = torch.randn(C, 1, 3, 3, generator=g) * keep, torch.randn(C, generator=g).half()
+    x = _input(dtype=torch.float16)
+    conv = ([1, 1], [1, 1, 1, 1], [1, 1], "relu6")
+    if kernel == "direct":
+        f = CompactTaps.from_dense(w, keep)
+        weights = (f.tap_ptr, f.tap_idx, f.tap_val)
+        run = lambda: ops._direct_call(x, *weights, b, [3, 3], *conv, backend="emu")  # noqa: E731
+        ref = lambda: torch.ops.deprune.dw_direct(x, *weights, b, [3, 3], *conv)  # noqa: E731 - CPU: reference
+    else:
+        f = DRColumns.from_dense(w, keep)
+        weights = (f.col_ptr, f.col_chan, f.col_tap, f.col_val, f.col_kept)
+        run = lambda: ops._dr_call(x, *weights, b, [3, 3], 32, 32, *conv, backend="emu")  # noqa: E731
+        ref = lambda: torch.ops.deprune.dw_dr(x, *weights, b, [3, 3], 32, 32, *conv)  # noqa: E731
+    for _ in range(3):
+        torch.testing.assert_close(run(), ref(), rtol=1e-2, atol=1e-2)
+    assert launcher.calls == 1 and ops._bias32(b) is ops._bias32(b)
+    with torch.no_grad():
+        weights[3 if kernel == "dr" else 2].mul_(2)  # in place: the version counter moves
+    torch.testing.assert_close(run(), ref(), rtol=1e-2, atol=1e-2)
+    assert launcher.calls == 2

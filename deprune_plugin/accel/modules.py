@@ -305,7 +305,7 @@ class FastDWConv(nn.Module):
         from ..kernels import ops  # noqa: F401 - registers torch.ops.deprune
 
         conv = (list(self.stride), list(self.pads(x)), list(self.dilation), self.act)
-        bias = self.bias.float()
+        bias = self.bias  # as stored: the op casts a non-fp32 bias once (a cast here would be a launch per call)
         if name == "direct":
             return torch.ops.deprune.dw_direct(x, self.taps_tap_ptr, self.taps_tap_idx,
                                                self.taps_tap_val.view(torch.float32), bias,
