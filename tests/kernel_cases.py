@@ -311,14 +311,24 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("dw_direct.cu", "column dilation dropped", "(k % KW) * DW", "(k % KW)", 2, RICH),
+    Mutation("dw_direct.cu", "column dilation dropped",
+             "s_off[t] = ok ? i * DH * IN_W + (k - i * KW) * DW : 0;",
+             "s_off[t] = ok ? i * DH * IN_W + (k - i * KW) : 0;", 1, RICH, ("nchw",)),
+    Mutation("dw_direct.cu", "column dilation dropped", "j * DW) * CB", "j) * CB", 2, RICH, ("nhwc",)),
     Mutation("dw_direct.cu", "top padding dropped",
              "const int iy0 = oy0 * SH - PH;", "const int iy0 = oy0 * SH;", 1, RICH),
     Mutation("dw_direct.cu", "NCHW register rows ignore the stride",
-             "acc[r] += w * p[r * row_step];", "acc[r] += w * p[r * in_w];", 1, RICH, ("nchw",)),
+             "deprune_to_float(p[r * SH * IN_W])", "deprune_to_float(p[r * IN_W])", 1, RICH, ("nchw",)),
     Mutation("dw_direct.cu", "NHWC pixels ignore the column stride",
-             "base[q] = ((ly * SH) * in_w + lx * SW) * cb + ch;", "base[q] = ((ly * SH) * in_w + lx) * cb + ch;",
+             "s_in + ((ly0 * SH) * IN_W + lx * SW) * CB + ch0;", "s_in + ((ly0 * SH) * IN_W + lx) * CB + ch0;",
              1, RICH, ("nhwc",)),
+    Mutation("dw_direct.cu", "NHWC sliding window feeds the wrong output row",
+             "acc[d / SH][l] += w[i][l] * v[l];", "acc[d / SH / 2][l] += w[i][l] * v[l];", 1, MULTI_CTA,
+             ("nhwc",)),
+    Mutation("dw_direct.cu", "vector tap mask from its first channel only",
+             "keep[m] |= s_mask[m * CB + ch0 + l];", "keep[m] |= s_mask[m * CB + ch0];", 1, RICH, ("nhwc",)),
+    Mutation("dw_direct.cu", "16-byte vector unpacked from its first word only",
+             "f[k] = bits_to_f32(w[k]);", "f[k] = bits_to_f32(w[0]);", 1, RICH, ("nhwc",)),
     # halo origin of the second and later tiles (the first tile starts at 0 either way)
     Mutation("dw_direct.cu", "column halo origin ignores the stride",
              "const int ix0 = ox0 * SW - PW;", "const int ix0 = ox0 - PW;", 1, MULTI_TILE),

@@ -75,7 +75,7 @@ def test_prune_output_loads_with_masks_at_target(pruned_run):
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     metrics = extra["metrics"]
-    assert set(metrics["top1"]) == {"before", "after"}
+    assert set(metrics["top1"]) == {"before", "pruned", "recalibrated", "after"}  # BN recalibration is the default
     assert {"before", "after"} <= set(metrics["latency_ms"])
     assert metrics["macs"]["after"] < metrics["macs"]["before"]
     assert extra["args"]["dw"] == 0.78 and extra["args"]["model"] == "mobilenetv2_100"
@@ -471,14 +471,15 @@ def test_kept_str_is_the_one_run_length_format():
     assert not hasattr(cli, "_kept_str")  # one definition: the CLI imports it
 
 
-def test_prune_recalibrates_by_default_and_distils_on_request(tmp_path, capsys):
-    code = main(["prune", *QUICK, "--distill", "--taps", "geometry", "--no-figure", "--out", str(tmp_path / "a.pt")])
+def test_prune_recalibrates_and_distils_by_default(tmp_path):
+    code = main(["prune", *QUICK, "--taps", "geometry", "--no-figure", "--out", str(tmp_path / "a.pt")])
     assert code == 0
     top1 = load_extra(tmp_path / "a.pt")["metrics"]["top1"]
     assert set(top1) == {"before", "pruned", "recalibrated", "after"}
     assert all(0.0 <= v <= 100.0 for v in top1.values())
     args = load_extra(tmp_path / "a.pt")["args"]
     assert args["distill"] is True and args["taps"] == "geometry"
-    code = main(["prune", *QUICK, "--no-recalibrate", "--no-figure", "--out", str(tmp_path / "b.pt")])
+    code = main(["prune", *QUICK, "--no-recalibrate", "--no-distill", "--no-figure", "--out", str(tmp_path / "b.pt")])
     assert code == 0
     assert set(load_extra(tmp_path / "b.pt")["metrics"]["top1"]) == {"before", "pruned", "after"}
+    assert load_extra(tmp_path / "b.pt")["args"]["distill"] is False

@@ -312,9 +312,6 @@ def test_sanitizers_report_planted_bugs(tmp_path, entry, threads, n_clean, n_bug
 # takes seconds): every dtype and both layouts appear.
 SANITIZED_SPECIALISATIONS = {("fp32", "nchw", 32, 32), ("fp16", "nhwc", 32, 32), ("bf16", "nchw", 32, 32)}
 SANITIZED_SHAPES = 80  # of the fuzz stream, of which those in SANITIZED_SPECIALISATIONS run
-# dw_dr's geometry is compile-time: each of its shapes is a sanitized build of its own, so it runs the first few
-# shapes of each specialisation.
-SANITIZED_PER_SPECIALISATION = {"dw_dr": 4}
 # dw_direct's and dw_dr's geometry is compile-time: each of their shapes is a sanitized build of its own, so
 # they run the first few shapes of each specialisation.
 SANITIZED_PER_SPECIALISATION = {"dw_direct": 4, "dw_dr": 4}
@@ -329,10 +326,6 @@ def test_real_kernels_run_clean_under_sanitizers(tmp_path):
     for kernel in {FUZZ_KERNELS!r}:
         shapes = [s for s in fuzz_shapes(kernel, {SANITIZED_SHAPES})
                   if s.specialisation in {sorted(SANITIZED_SPECIALISATIONS)!r}]
-        cap = {SANITIZED_PER_SPECIALISATION!r}.get(kernel)
-        if cap is not None:
-            shapes = [s for spec in sorted({{s.specialisation for s in shapes}})
-                      for s in [t for t in shapes if t.specialisation == spec][:cap]]
         cap = {SANITIZED_PER_SPECIALISATION!r}.get(kernel)
         if cap is not None:
             shapes = [s for spec in sorted({{s.specialisation for s in shapes}})

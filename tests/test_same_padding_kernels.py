@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from deprune_plugin import accelerate
 from deprune_plugin.accel import FastDWConv
 from deprune_plugin.accel.api import kernel_choices
-from deprune_plugin.accel.modules import same_padding
+from deprune_plugin.core.padding import same_padding
 from deprune_plugin.kernels import CompactTaps, DRColumns, dw_direct, dw_dr, emulation_available, ops
 from deprune_plugin.kernels.launch import conv_padding
 

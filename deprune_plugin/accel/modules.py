@@ -10,12 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..core.padding import same_padding
 from ..kernels.activations import ACTIVATIONS, apply_activation
 from ..kernels.dispatch import KernelDispatcher, dispatch_key
 from ..kernels.formats import CompactTaps, DRColumns
 from ..kernels.planned import plan_call, plan_key
 
-__all__ = ["FastDWConv", "same_padding", "MODULE_BACKENDS"]
+__all__ = ["FastDWConv", "MODULE_BACKENDS"]
 
 #: What a FastDWConv runs: ``"torch"`` (dense conv on the masked weight), ``"cupy"`` (CUDA kernels on CUDA
 #: inputs, chosen per signature), ``"emu"`` (the kernels' host emulation on CPU inputs: slow, for tests).
@@ -24,14 +25,6 @@ _FORMATS = {"taps": CompactTaps, "dr": DRColumns}
 # Guards the lazy creation of a layer's dispatcher: two threads' first calls must share one dispatcher (and
 # so one selection per signature), not each build and time their own.
 DISPATCHER_LOCK = threading.Lock()
-
-
-def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
-    """TensorFlow "SAME" padding ``(before, after)`` of one spatial dim for an input of ``size``:
-    output ``ceil(size / stride)``, the odd pixel of padding goes after (timm ``Conv2dSame``)."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
 
 
 def _store_format(module: nn.Module, prefix: str, fmt: Any) -> dict[str, Any]:

@@ -121,8 +121,9 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune-lr", type=_positive_float, default=0.05, help="fine-tuning lr (default: %(default)s)")
     g.add_argument("--no-recalibrate", action="store_true",
                    help="do not re-estimate BatchNorm statistics right after pruning (default: recalibrate)")
-    g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
-                   help="fine-tune with knowledge distillation from the unpruned model (default: off)")
+    g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="fine-tune with knowledge distillation from the unpruned model (default: on; on the "
+                        "built-in digits it adds ~3 points to DEPrune-BH, see README)")
     g.add_argument("--kd-temperature", type=_positive_float, default=4.0, help="(default: %(default)s)")
     g.add_argument("--kd-alpha", type=_ratio_closed, default=0.5,
                    help="weight of the soft-target loss in [0, 1] (default: %(default)s)")
@@ -243,8 +244,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--taps", default="geometry", choices=["magnitude", "geometry"], help="(default: %(default)s)")
     p.add_argument("--channel-floor", action="store_true", help="keep one input-reading tap per channel")
     p.add_argument("--no-recalibrate", action="store_true", help="no BatchNorm recalibration after pruning")
-    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=False,
-                   help="distil from the dense model while fine-tuning (default: off)")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="distil from the dense model while fine-tuning, every pruned method alike (default: on)")
     p.add_argument("--json", default=None, metavar="PATH.json", help="write the results as JSON")
     p.add_argument("--figure", default=None, metavar="PATH.png", help="accuracy vs MACs plot")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")

@@ -60,7 +60,7 @@ class CompareConfig:
     channel_floor: bool = False
     recalibrate: bool = True
     recalibrate_batches: int = 20
-    distill: bool = False
+    distill: bool = True
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5
     match_iterations: int = 10  # bisection steps of the channel ratio that matches DEPrune-BH's MACs
