@@ -241,7 +241,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-lr", type=_positive_float, default=0.01, help="(default: %(default)s)")
     p.add_argument("--dw", type=_ratio, default=0.78, help="DW tap pruning ratio (default: %(default)s)")
     p.add_argument("--pw", type=_ratio, default=0.5, help="PW-conv2 filter pruning ratio (default: %(default)s)")
-    p.add_argument("--taps", default="geometry", choices=["magnitude", "geometry"], help="(default: %(default)s)")
+    p.add_argument("--taps", default="magnitude", choices=["magnitude", "geometry"],
+                   help="DW tap importance of the DEPrune methods (default: %(default)s)")
     p.add_argument("--channel-floor", action="store_true", help="keep one input-reading tap per channel")
     p.add_argument("--no-recalibrate", action="store_true", help="no BatchNorm recalibration after pruning")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,

@@ -56,7 +56,7 @@ class CompareConfig:
     finetune_lr: float = 0.01
     dw: float = 0.78
     pw: float = 0.5
-    taps: str = "geometry"
+    taps: str = "magnitude"
     channel_floor: bool = False
     recalibrate: bool = True
     recalibrate_batches: int = 20
