@@ -1,6 +1,8 @@
 """Importance criteria for DEPrune (torch-pruning glue)."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn as nn
 import torch_pruning as tp
@@ -34,7 +36,7 @@ class DEPruneImportance(tp.importance.Importance):
     """
 
     def __init__(self, p: float = 2.0, taps: str = "magnitude", channel_floor: bool = False) -> None:
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or p <= 0:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or p <= 0:
             raise ValueError(f"p must be a number > 0, got {p!r}")
         if taps not in TAP_CRITERIA:
             raise ValueError(f"taps must be one of {TAP_CRITERIA}, got {taps!r}")
