@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -89,7 +89,6 @@ class CompareConfig:
 class _Context:
     cfg: CompareConfig
     example: torch.Tensor
-    bh_macs: int | None = None  # DEPrune-BH's non-zero MACs for this seed (channels matches it)
 
 
 def _ignored(model: nn.Module) -> list[nn.Module]:
@@ -112,11 +111,10 @@ def _macs(model: nn.Module, ctx: _Context) -> int:
 
 
 def _bh_macs(dense: nn.Module, ctx: _Context) -> int:
-    if ctx.bh_macs is None:
-        probe = copy.deepcopy(dense)
-        _deprune("BH")(probe, ctx)
-        ctx.bh_macs = _macs(probe, ctx)
-    return ctx.bh_macs
+    """DEPrune-BH's non-zero MACs on a copy of ``dense`` (what channel pruning is matched to)."""
+    probe = copy.deepcopy(dense)
+    _deprune("BH")(probe, ctx)
+    return _macs(probe, ctx)
 
 
 def _channels(model: nn.Module, ctx: _Context) -> None:
@@ -159,7 +157,6 @@ class RunResult:
     top1_pruned: float
     top1_recalibrated: float | None
     top1_finetuned: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm) -> list[RunResult]:
