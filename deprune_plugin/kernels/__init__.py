@@ -8,6 +8,8 @@ torch-pruning); may be imported by ``accel``, ``app`` and the package root.
 - :func:`dw_direct`: direct kernel, each output visits only its channel's kept taps (``cuda/dw_direct.cu``).
 - :func:`dw_dr`: the paper's DR form, one compacted ``group_size x K'_g`` sub-GEMM per balanced range
   (``cuda/dw_dr.cu``).
+- :func:`dw_pw_fused`: a DW conv and the 1x1 conv after it in one kernel, the DW result kept on chip
+  (``cuda/dw_pw_fused.cu``).
 - :class:`KernelDispatcher`: per-layer choice of the fastest implementation, measured on first use.
 
 Kernel backends (:data:`KERNEL_BACKENDS`): ``"cupy"`` (CUDA tensors; CuPy is optional and imported lazily,
@@ -19,11 +21,13 @@ from .cupy_launch import cupy_available
 from .dispatch import Choice, KernelDispatcher, dispatch_key
 from .dw_direct import dw_direct
 from .dw_dr import dw_dr
+from .dw_pw_fused import dw_pw_fused
 from .emulation import emulation_available
 from .formats import CompactTaps, DRColumns
 from .launch import KERNEL_BACKENDS
 
 __all__ = [
     "ACTIVATIONS", "Activation", "Choice", "CompactTaps", "DRColumns", "KERNEL_BACKENDS", "KernelDispatcher",
-    "activation_of_module", "cupy_available", "dispatch_key", "dw_direct", "dw_dr", "emulation_available",
+    "activation_of_module", "cupy_available", "dispatch_key", "dw_direct", "dw_dr", "dw_pw_fused",
+    "emulation_available",
 ]

@@ -91,7 +91,7 @@ class ConvGeometry:
 
 def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[torch.Tensor],
                  num_channels: int, kernel_size: tuple[int, int], bias: torch.Tensor | None, stride, padding,
-                 dilation, act: str, backend: str
+                 dilation, act: str, backend: str, out_channels: int | None = None
                  ) -> tuple[torch.Tensor, ConvGeometry, torch.Tensor | None, int, torch.Tensor]:
     """Check the arguments of a DW conv launch (no device sync) and allocate its output.
 
@@ -107,10 +107,11 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
         act: a key of :data:`.activations.ACTIVATIONS` (the epilogue activation).
         backend: one of :data:`KERNEL_BACKENDS`: ``"cupy"`` (x on CUDA, async on the current stream) or
             ``"emu"`` (x on CPU, host emulation).
+        out_channels: channels of the output (default C; a fused DW + 1x1 pair writes the 1x1's).
 
     Returns:
-        ``(x, geometry, bias fp32 contiguous or None, act code, y)``; ``y`` is ``[N, C, OH, OW]`` in x's
-        memory format.
+        ``(x, geometry, bias fp32 contiguous or None, act code, y)``; ``y`` is ``[N, out_channels, OH, OW]``
+        in x's memory format.
     """
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
@@ -169,7 +170,8 @@ def prepare_conv(x: torch.Tensor, *, weight_name: str, weight_tensors: Sequence[
     else:
         x, nhwc = x.contiguous(), False
     fmt = torch.channels_last if nhwc else torch.contiguous_format
-    y = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=fmt)
+    y = torch.empty((n, c if out_channels is None else out_channels, oh, ow), dtype=x.dtype, device=x.device,
+                    memory_format=fmt)
     geo = ConvGeometry(n, c, h, w, oh, ow, kh, kw, sh, sw, pad, dh, dw, nhwc)
     return x, geo, bias, ACTIVATIONS[act].code, y
 

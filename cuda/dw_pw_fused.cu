@@ -1,0 +1,430 @@
+// dw_pw_fused.cu: a depth-wise conv (tap-sparse, folded BN, activation) and the 1x1 conv that reads its
+// output (folded BN, optional residual add) in one kernel; the DW output never leaves the chip.
+//
+//   d[n, p, c]  = act(dw_bias[c] + sum_{t in taps(c)} val[t] * x[n, tap t of output pixel p, c])
+//   y[n, p, o]  = pw_bias[o] + sum_c d[n, p, c] * pw_w[o, c]  (+ res[n, p, o])
+//
+// x, y and res are channels_last (NHWC); pw_w is [CO, C] row-major in the storage type; the biases fp32.
+// taps(c) is the CSR slice tap_ptr[c] .. tap_ptr[c+1] of (tap_idx = i*KW + j, tap_val) pairs, as for
+// dw_direct.cu. Accumulation is fp32 throughout; the DW result is rounded to the storage type once (where
+// the unfused pair writes it to memory), so the fused and the unfused pair round alike.
+//
+// One CTA = a TILE_H x TILE_W tile of output pixels (P = TILE_H * TILE_W, 16 .. 128) of one image x a block
+// of COB output channels. It walks the C expanded channels in chunks of KC:
+//   1. stage the chunk's input tile with halo (16-byte vectors, zeros outside the image), its DW taps (dense
+//      fp32 [KT][KC] + keep bits) and its PW weights [COB][KC] into shared memory;
+//   2. DW: one thread per (pixel, 16-byte channel vector): the taps no channel of the vector keeps are
+//      skipped; bias, activation, one rounding, the result into the A tile s_a[P][KC] (shared memory);
+//   3. PW: s_acc[P][COB] += s_a[P][KC] * s_b[COB][KC]^T, on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
+//      fp32 accumulate: each warp owns one m16 row tile and TPW n8 column tiles, accumulators in registers)
+//      or, for fp32 storage and before sm_80, on CUDA cores (a thread per pixel and COB*P/256 outputs).
+// Epilogue: + pw_bias (+ res), rounded, stored NHWC. Channels past C (the last chunk) and outputs past CO
+// are zero-filled / masked, so C and CO need not divide KC / COB (C must be a multiple of the vector).
+//
+// Geometry is compile-time (#defines prepended by deprune_plugin/kernels/sources.py, chosen by
+// deprune_plugin/kernels/dw_pw_fused.py: dw_pw_fused_plan; the defaults below only let nvcc compile the file
+// alone):
+//   DEPRUNE_SCALAR          float | __half | __nv_bfloat16
+//   DEPRUNE_KH, _KW, _SH, _SW, _DH, _DW   window, stride, dilation
+//   DEPRUNE_TILE_H, _TILE_W output pixels per CTA (P = TILE_H * TILE_W in {16, 32, 64, 128})
+//   DEPRUNE_KC              expanded channels per chunk (a multiple of 16)
+//   DEPRUNE_COB             output channels per CTA (a multiple of 8; (P/16) * (COB/8) a multiple of 8)
+//   DEPRUNE_FUSED_MMA       1: tensor cores where the target has them (sm_80+, 16-bit storage), 0: CUDA cores
+// Runtime: N, C, H, W, OH, OW, CO, PH, PW (top / left padding), act.
+// Entry point: deprune_dw_pw_fused; grid (tiles_h * tiles_w, ceil(CO / COB), N), block 256.
+
+#ifndef DEPRUNE_SCALAR
+#define DEPRUNE_SCALAR __half
+#endif
+#ifndef DEPRUNE_KH
+#define DEPRUNE_KH 3
+#endif
+#ifndef DEPRUNE_KW
+#define DEPRUNE_KW 3
+#endif
+#ifndef DEPRUNE_SH
+#define DEPRUNE_SH 1
+#endif
+#ifndef DEPRUNE_SW
+#define DEPRUNE_SW 1
+#endif
+#ifndef DEPRUNE_DH
+#define DEPRUNE_DH 1
+#endif
+#ifndef DEPRUNE_DW
+#define DEPRUNE_DW 1
+#endif
+#ifndef DEPRUNE_TILE_H
+#define DEPRUNE_TILE_H 8
+#endif
+#ifndef DEPRUNE_TILE_W
+#define DEPRUNE_TILE_W 8
+#endif
+#ifndef DEPRUNE_KC
+#define DEPRUNE_KC 32
+#endif
+#ifndef DEPRUNE_COB
+#define DEPRUNE_COB 32
+#endif
+#ifndef DEPRUNE_FUSED_MMA
+#define DEPRUNE_FUSED_MMA 1
+#endif
+
+#include "deprune_common.cuh"
+
+// Tensor cores where the target has mma.sync m16n8k16 (sm_80+) and always in the host emulation.
+#if DEPRUNE_FUSED_MMA && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#define FU_USE_MMA 1
+#else
+#define FU_USE_MMA 0
+#endif
+
+namespace fu {
+
+constexpr int KH = DEPRUNE_KH, KW = DEPRUNE_KW, SH = DEPRUNE_SH, SW = DEPRUNE_SW;
+constexpr int DH = DEPRUNE_DH, DW = DEPRUNE_DW;
+constexpr int TILE_H = DEPRUNE_TILE_H, TILE_W = DEPRUNE_TILE_W, P = TILE_H * TILE_W;
+constexpr int KC = DEPRUNE_KC, COB = DEPRUNE_COB;
+constexpr int THREADS = 256, WARPS = THREADS / 32;
+constexpr int KT = KH * KW, MASK_WORDS = (KT + 31) / 32;
+constexpr int IN_H = (TILE_H - 1) * SH + (KH - 1) * DH + 1;  // input window of the tile, halo included
+constexpr int IN_W = (TILE_W - 1) * SW + (KW - 1) * DW + 1;
+constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));  // channels per 16-byte vector
+constexpr int NVC = KC / VEC;                                  // vectors per chunk and pixel
+constexpr int AS = KC + 8;  // elements per row of s_a and s_b: +16 bytes, so the fragment loads of a warp
+                            // (8 rows x 4 words) hit 32 different banks
+constexpr int MT = P / 16, NT = COB / 8;  // m16 / n8 tiles of the CTA's output
+constexpr int TPW = MT * NT / WARPS;      // n8 tiles per warp (MMA path)
+constexpr int ACC = P * COB / THREADS;    // accumulators per thread (CUDA-core path)
+constexpr int INFLIGHT = 4;               // global loads a thread issues before its shared-memory stores
+
+static_assert(P == 16 || P == 32 || P == 64 || P == 128, "P = TILE_H * TILE_W must be 16, 32, 64 or 128");
+static_assert(KC % 16 == 0 && KC >= 16, "DEPRUNE_KC must be a multiple of 16");
+static_assert(COB % 8 == 0 && (MT * NT) % WARPS == 0, "DEPRUNE_COB: whole n8 tiles, the same number per warp");
+static_assert(THREADS % P == 0 && COB % (THREADS / P) == 0, "CUDA-core path: whole outputs per thread");
+static_assert(TPW <= 16 && ACC <= 64, "at most 64 fp32 accumulators per thread");
+#if FU_USE_MMA
+static_assert(sizeof(scalar_t) == 2, "the tensor-core path takes fp16 or bf16 storage");
+#endif
+
+// Shared memory (bytes, each region 16-byte aligned): s_in[IN_H*IN_W][KC] | s_a[P][AS] | s_b[COB][AS] storage,
+// s_w[KT][KC] fp32 | s_mask[MASK_WORDS][KC] u32.
+constexpr int align16(int b) { return (b + 15) / 16 * 16; }
+constexpr int IN_BYTES = align16(IN_H * IN_W * KC * static_cast<int>(sizeof(scalar_t)));
+constexpr int A_BYTES = align16(P * AS * static_cast<int>(sizeof(scalar_t)));
+constexpr int B_BYTES = align16(COB * AS * static_cast<int>(sizeof(scalar_t)));
+constexpr int W_BYTES = KT * KC * 4;
+constexpr int SMEM_BYTES = IN_BYTES + A_BYTES + B_BYTES + W_BYTES + MASK_WORDS * KC * 4;
+
+// ---- 16-byte vectors ----------------------------------------------------------------------------
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+typedef uint4 vec16;
+__device__ __forceinline__ float lo16(unsigned int w, __half) { return __half2float(__ushort_as_half(w & 0xffffu)); }
+__device__ __forceinline__ float lo16(unsigned int w, __nv_bfloat16) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ unsigned int bits16(float f, __half) { return __half_as_ushort(__float2half(f)); }
+__device__ __forceinline__ unsigned int bits16(float f, __nv_bfloat16) {
+    return __bfloat16_as_ushort(__float2bfloat16(f));
+}
+__device__ __forceinline__ float f32_of(unsigned int w) { return __uint_as_float(w); }
+__device__ __forceinline__ unsigned int bits_of(float f) { return __float_as_uint(f); }
+#else
+struct alignas(16) vec16 {
+    unsigned int x, y, z, w;
+};
+inline float lo16(unsigned int w, __half) { return __half2float(__half{static_cast<unsigned short>(w & 0xffffu)}); }
+inline float lo16(unsigned int w, __nv_bfloat16) { return deprune_emu_bits_to_float(w << 16); }
+inline unsigned int bits16(float f, __half) { return __float2half(f).x; }
+inline unsigned int bits16(float f, __nv_bfloat16) { return __float2bfloat16(f).x; }
+inline float f32_of(unsigned int w) { return deprune_emu_bits_to_float(w); }
+inline unsigned int bits_of(float f) { return deprune_emu_float_to_bits(f); }
+#endif
+
+// VEC storage elements of one vector -> fp32 (lower channel first) and back (templates: only the branch of
+// the storage type is instantiated).
+template <class T>
+__device__ __forceinline__ void unpack(const vec16& v, float* f) {
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        if constexpr (sizeof(T) == 2) {
+            f[2 * k] = lo16(w[k], T());
+            f[2 * k + 1] = lo16(w[k] >> 16, T());
+        } else {
+            f[k] = f32_of(w[k]);
+        }
+    }
+}
+template <class T>
+__device__ __forceinline__ vec16 pack(const float* f) {
+    unsigned int w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        if constexpr (sizeof(T) == 2)
+            w[k] = bits16(f[2 * k], T()) | (bits16(f[2 * k + 1], T()) << 16);
+        else
+            w[k] = bits_of(f[k]);
+    }
+    vec16 v;
+    v.x = w[0];
+    v.y = w[1];
+    v.z = w[2];
+    v.w = w[3];
+    return v;
+}
+__device__ __forceinline__ vec16 zero_vec() {
+    vec16 v;
+    v.x = v.y = v.z = v.w = 0u;
+    return v;
+}
+
+// ---- tensor-core step -----------------------------------------------------------------------------
+// d += A * B for one warp: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (fragment layouts:
+// cuda_host_emulation.h, warp-level matrix section). The scalar argument only picks the element type.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define FU_MMA_PTX(type)                                                                                      \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." type "." type                                      \
+                 ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                    \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                              \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2], __half) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    FU_MMA_PTX("f16");
+#endif
+}
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2],
+                                    __nv_bfloat16) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    FU_MMA_PTX("bf16");
+#endif
+}
+#undef FU_MMA_PTX
+#else
+inline void mma(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2], __half) {
+    deprune_emu_mma_m16n8k16(deprune_emu::MmaType::f16, d, a, b, d);
+}
+inline void mma(float (&d)[4], const unsigned int (&a)[4], const unsigned int (&b)[2], __nv_bfloat16) {
+    deprune_emu_mma_m16n8k16(deprune_emu::MmaType::bf16, d, a, b, d);
+}
+#endif
+__device__ __forceinline__ void mma(float (&)[4], const unsigned int (&)[4], const unsigned int (&)[2], float) {}
+
+}  // namespace fu
+
+// __launch_bounds__(256, 2): up to 128 registers per thread (the accumulators take at most 64).
+extern "C" __global__ void __launch_bounds__(256, 2) deprune_dw_pw_fused(
+    const scalar_t* __restrict__ x,        // [N, H, W, C]
+    scalar_t* __restrict__ y,              // [N, OH, OW, CO]
+    const int* __restrict__ tap_ptr,       // [C + 1]
+    const int* __restrict__ tap_idx,       // [nnz], i * KW + j
+    const float* __restrict__ tap_val,     // [nnz]
+    const float* __restrict__ dw_bias,     // [C] or nullptr
+    const scalar_t* __restrict__ pw_w,     // [CO, C]
+    const float* __restrict__ pw_bias,     // [CO] or nullptr
+    const scalar_t* __restrict__ res,      // [N, OH, OW, CO] or nullptr
+    int N, int C, int H, int W, int OH, int OW, int CO,
+    int PH, int PW,                        // top and left padding
+    int act) {
+    using namespace fu;
+    (void)N;
+    const int tiles_w = (OW + TILE_W - 1) / TILE_W;
+    const int tile_y = static_cast<int>(blockIdx.x) / tiles_w;
+    const int oy0 = tile_y * TILE_H;
+    const int ox0 = (static_cast<int>(blockIdx.x) - tile_y * tiles_w) * TILE_W;
+    const int co0 = blockIdx.y * COB;
+    const int n = blockIdx.z;
+    const int iy0 = oy0 * SH - PH;  // origin of the input window; may be negative (zero padding)
+    const int ix0 = ox0 * SW - PW;
+    const int tid = threadIdx.x;
+    const int warp = tid / 32, lane = tid % 32;
+
+    DEPRUNE_DYNAMIC_SMEM(unsigned char, smem);
+    scalar_t* s_in = reinterpret_cast<scalar_t*>(smem);
+    scalar_t* s_a = reinterpret_cast<scalar_t*>(smem + IN_BYTES);
+    scalar_t* s_b = reinterpret_cast<scalar_t*>(smem + IN_BYTES + A_BYTES);
+    float* s_w = reinterpret_cast<float*>(smem + IN_BYTES + A_BYTES + B_BYTES);
+    unsigned int* s_mask = reinterpret_cast<unsigned int*>(smem + IN_BYTES + A_BYTES + B_BYTES + W_BYTES);
+
+    const scalar_t* xn = x + static_cast<long long>(n) * H * W * C;
+
+#if FU_USE_MMA
+    // Warp w owns m16 tile w % MT (constant: MT divides WARPS) and n8 tiles (w + WARPS * j) / MT.
+    const int group = lane >> 2, tig = lane & 3;
+    const int mrow = (warp % MT) * 16;
+    float acc[TPW][4];
+#pragma unroll
+    for (int j = 0; j < TPW; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+#else
+    // Thread tid owns pixel tid % P and output channels tid / P + (THREADS / P) * j.
+    float acc[ACC];
+#pragma unroll
+    for (int j = 0; j < ACC; ++j) acc[j] = 0.0f;
+#endif
+
+    for (int c0 = 0; c0 < C; c0 += KC) {
+        // (1) Stage. Taps: zeroed, then one thread per channel fills its column from the CSR.
+        for (int e = tid; e < KT * KC; e += THREADS) s_w[e] = 0.0f;
+        for (int e = tid; e < MASK_WORDS * KC; e += THREADS) s_mask[e] = 0u;
+        // PW weights of the chunk, [COB][KC] (zeros past CO and C).
+        for (int e = tid; e < COB * NVC; e += THREADS) {
+            const int o = e / NVC, v = e - o * NVC;
+            const int c = c0 + v * VEC;
+            vec16 val = zero_vec();
+            if (co0 + o < CO && c < C)
+                val = *reinterpret_cast<const vec16*>(pw_w + static_cast<long long>(co0 + o) * C + c);
+            *reinterpret_cast<vec16*>(s_b + o * AS + v * VEC) = val;
+        }
+        // Input tile with halo, INFLIGHT 16-byte loads per thread in flight before their stores.
+        {
+            constexpr int ITEMS = IN_H * IN_W * NVC;
+            for (int e0 = 0; e0 < ITEMS; e0 += THREADS * INFLIGHT) {
+                vec16 v[INFLIGHT];
+#pragma unroll
+                for (int b = 0; b < INFLIGHT; ++b) {
+                    const int e = e0 + b * THREADS + tid;
+                    const int pix = e / NVC;  // constant divisors
+                    const int ly = pix / IN_W;
+                    const int iy = iy0 + ly, ix = ix0 + pix - ly * IN_W;
+                    const int c = c0 + (e - pix * NVC) * VEC;
+                    v[b] = zero_vec();
+                    if (e < ITEMS && c < C && iy >= 0 && iy < H && ix >= 0 && ix < W)
+                        v[b] = *reinterpret_cast<const vec16*>(xn + (static_cast<long long>(iy) * W + ix) * C + c);
+                }
+#pragma unroll
+                for (int b = 0; b < INFLIGHT; ++b) {
+                    const int e = e0 + b * THREADS + tid;
+                    if (e < ITEMS) *reinterpret_cast<vec16*>(s_in + e * VEC) = v[b];
+                }
+            }
+        }
+        __syncthreads();  // s_w / s_mask zeroed (and the previous chunk's GEMM done with s_a)
+        for (int ch = tid; ch < KC; ch += THREADS) {
+            const int c = c0 + ch;
+            if (c < C) {
+                const int t0 = tap_ptr[c];
+                const int t1 = t0 + min(tap_ptr[c + 1] - t0, KT);
+                for (int t = t0; t < t1; ++t) {
+                    const int k = tap_idx[t];
+                    if (k < 0 || k >= KT) continue;  // corrupt index: contributes nothing
+                    s_w[k * KC + ch] = tap_val[t];
+                    s_mask[(k >> 5) * KC + ch] |= 1u << (k & 31);
+                }
+            }
+        }
+        __syncthreads();
+
+        // (2) DW: item = (pixel p, vector v); the vector's kept taps only.
+        for (int it = tid; it < P * NVC; it += THREADS) {
+            const int p = it / NVC, v = it - p * NVC;
+            const int py = p / TILE_W, px = p - py * TILE_W;
+            unsigned int keep[MASK_WORDS];
+#pragma unroll
+            for (int w = 0; w < MASK_WORDS; ++w) {
+                unsigned int m = 0u;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) m |= s_mask[w * KC + v * VEC + e];
+                keep[w] = m;
+            }
+            float a[VEC];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) a[e] = 0.0f;
+            const scalar_t* base = s_in + ((py * SH) * IN_W + px * SW) * KC + v * VEC;
+#pragma unroll
+            for (int t = 0; t < KT; ++t) {
+                if (!((keep[t >> 5] >> (t & 31)) & 1u)) continue;
+                const int i = t / KW, j = t - (t / KW) * KW;
+                float xv[VEC];
+                unpack<scalar_t>(*reinterpret_cast<const vec16*>(base + (i * DH * IN_W + j * DW) * KC), xv);
+                const float* wt = s_w + t * KC + v * VEC;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) a[e] += wt[e] * xv[e];
+            }
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                const int c = c0 + v * VEC + e;
+                a[e] = deprune_activate(a[e] + (dw_bias != nullptr && c < C ? dw_bias[c] : 0.0f), act);
+            }
+            *reinterpret_cast<vec16*>(s_a + p * AS + v * VEC) = pack<scalar_t>(a);
+        }
+        __syncthreads();
+
+        // (3) PW GEMM over the chunk.
+#if FU_USE_MMA
+        {
+            const unsigned int* a32 = reinterpret_cast<const unsigned int*>(s_a);
+            const unsigned int* b32 = reinterpret_cast<const unsigned int*>(s_b);
+            constexpr int AW = AS / 2;  // 32-bit words per row
+            // Not unrolled: an unrolled K loop hoists every step's B fragments (2 * TPW registers each) next to
+            // the TPW * 4 accumulators and spills.
+#pragma unroll 1
+            for (int ks = 0; ks < KC / 16; ++ks) {
+                const int kw = ks * 8 + tig;  // word of columns ks*16 + tig*2 + {0, 1}
+                unsigned int af[4];
+                af[0] = a32[(mrow + group) * AW + kw];
+                af[1] = a32[(mrow + group + 8) * AW + kw];
+                af[2] = a32[(mrow + group) * AW + kw + 4];
+                af[3] = a32[(mrow + group + 8) * AW + kw + 4];
+#pragma unroll
+                for (int j = 0; j < TPW; ++j) {
+                    const int ncol = ((warp + WARPS * j) / MT) * 8 + group;
+                    unsigned int bf[2];
+                    bf[0] = b32[ncol * AW + kw];
+                    bf[1] = b32[ncol * AW + kw + 4];
+                    mma(acc[j], af, bf, scalar_t());
+                }
+            }
+        }
+#else
+        {
+            const int p = tid % P;
+            const int o0 = tid / P;
+#pragma unroll 4
+            for (int k = 0; k < KC; ++k) {
+                const float a = deprune_to_float(s_a[p * AS + k]);
+#pragma unroll
+                for (int j = 0; j < ACC; ++j) acc[j] += a * deprune_to_float(s_b[(o0 + (THREADS / P) * j) * AS + k]);
+            }
+        }
+#endif
+        __syncthreads();  // the next chunk overwrites s_in, s_a, s_b
+    }
+
+    // Epilogue: + pw_bias (+ res), rounded once, NHWC stores.
+    scalar_t* yn = y + static_cast<long long>(n) * OH * OW * CO;
+    const scalar_t* rn = res != nullptr ? res + static_cast<long long>(n) * OH * OW * CO : nullptr;
+#if FU_USE_MMA
+#pragma unroll
+    for (int j = 0; j < TPW; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // rows group and group + 8
+            const int p = mrow + group + 8 * h;
+            const int oy = oy0 + p / TILE_W, ox = ox0 + p % TILE_W;
+            if (oy >= OH || ox >= OW) continue;
+            const long long pix = static_cast<long long>(oy) * OW + ox;
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const int o = co0 + ((warp + WARPS * j) / MT) * 8 + tig * 2 + q;
+                if (o >= CO) continue;
+                float v = acc[j][2 * h + q] + (pw_bias != nullptr ? pw_bias[o] : 0.0f);
+                if (rn != nullptr) v += deprune_to_float(rn[pix * CO + o]);
+                deprune_store(yn + pix * CO + o, v);
+            }
+        }
+    }
+#else
+    {
+        const int p = tid % P;
+        const int oy = oy0 + p / TILE_W, ox = ox0 + p % TILE_W;
+        if (oy < OH && ox < OW) {
+            const long long pix = static_cast<long long>(oy) * OW + ox;
+#pragma unroll
+            for (int j = 0; j < ACC; ++j) {
+                const int o = co0 + tid / P + (THREADS / P) * j;
+                if (o >= CO) continue;
+                float v = acc[j] + (pw_bias != nullptr ? pw_bias[o] : 0.0f);
+                if (rn != nullptr) v += deprune_to_float(rn[pix * CO + o]);
+                deprune_store(yn + pix * CO + o, v);
+            }
+        }
+    }
+#endif
+}
