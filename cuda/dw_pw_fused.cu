@@ -102,7 +102,7 @@ static_assert(P == 16 || P == 32 || P == 64 || P == 128, "P = TILE_H * TILE_W mu
 static_assert(KC % 16 == 0 && KC >= 16, "DEPRUNE_KC must be a multiple of 16");
 static_assert(COB % 8 == 0 && (MT * NT) % WARPS == 0, "DEPRUNE_COB: whole n8 tiles, the same number per warp");
 static_assert(THREADS % P == 0 && COB % (THREADS / P) == 0, "CUDA-core path: whole outputs per thread");
-static_assert(TPW <= 16 && ACC <= 64, "at most 64 fp32 accumulators per thread");
+static_assert(TPW <= 10 && ACC <= 40, "at most 40 fp32 accumulators per thread (more spill)");
 #if FU_USE_MMA
 static_assert(sizeof(scalar_t) == 2, "the tensor-core path takes fp16 or bf16 storage");
 #endif
@@ -210,8 +210,15 @@ __device__ __forceinline__ void mma(float (&)[4], const unsigned int (&)[4], con
 
 }  // namespace fu
 
-// __launch_bounds__(256, 2): up to 128 registers per thread (the accumulators take at most 64).
-extern "C" __global__ void __launch_bounds__(256, 2) deprune_dw_pw_fused(
+// __launch_bounds__(256, FU_MIN_BLOCKS): the tensor-core path keeps two CTAs per SM (<= 128 registers, the
+// <= 40 accumulators included); the CUDA-core path (fp32 storage, pre-sm_80) needs more registers for the same
+// accumulators and its fp32 DW vectors, so it asks for one (<= 255 registers) rather than spill.
+#if FU_USE_MMA
+#define FU_MIN_BLOCKS 2
+#else
+#define FU_MIN_BLOCKS 1
+#endif
+extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_fused(
     const scalar_t* __restrict__ x,        // [N, H, W, C]
     scalar_t* __restrict__ y,              // [N, OH, OW, CO]
     const int* __restrict__ tap_ptr,       // [C + 1]
@@ -377,7 +384,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) deprune_dw_pw_fused(
         {
             const int p = tid % P;
             const int o0 = tid / P;
-#pragma unroll 4
+#pragma unroll 2
             for (int k = 0; k < KC; ++k) {
                 const float a = deprune_to_float(s_a[p * AS + k]);
 #pragma unroll

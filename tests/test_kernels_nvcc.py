@@ -22,6 +22,7 @@ import torch
 from deprune_plugin.kernels.cupy_launch import NVRTC_OPTIONS, nvrtc_include_dirs
 from deprune_plugin.kernels.dw_direct import dw_direct_defines
 from deprune_plugin.kernels.dw_dr import dw_dr_defines
+from deprune_plugin.kernels.dw_pw_fused import dw_pw_fused_defines
 from deprune_plugin.kernels.sources import EMULATION_HEADER, KernelSource, cuda_dir, specialize
 
 NVCC = shutil.which("nvcc")
@@ -42,6 +43,7 @@ def _specialisations() -> list[tuple[str, KernelSource]]:
                     for gs, tile in DR_VARIANTS]
     out += [("deprune_dw_dr", specialize("dw_dr.cu", dw_dr_defines(dtype, nhwc, gs, tile)))
             for dtype, nhwc, gs, tile in DR_EXTRA]
+    out += [("deprune_dw_pw_fused", specialize("dw_pw_fused.cu", dw_pw_fused_defines(dtype))) for dtype in DTYPES]
     return out
 
 
@@ -49,7 +51,7 @@ def _id(item: tuple[str, KernelSource]) -> str:
     entry, src = item
     d = dict(src.defines)
     extra = f"-g{d['DEPRUNE_GROUP_SIZE']}-t{d['DEPRUNE_KTILE']}" if "DEPRUNE_GROUP_SIZE" in d else ""
-    layout = "nhwc" if d["DEPRUNE_LAYOUT_NHWC"] == "1" else "nchw"
+    layout = "nhwc" if d.get("DEPRUNE_LAYOUT_NHWC", "1") == "1" else "nchw"
     return f"{src.name[:-3]}-{d['DEPRUNE_SCALAR'].strip('_')}-{layout}{extra}"
 
 
@@ -65,7 +67,8 @@ def _launched_sources(monkeypatch) -> set[tuple[str, tuple[tuple[str, str], ...]
     """``(entry, defines, source hash)`` of what the launchers hand to the emulation's compile-and-run step,
     for every dtype x layout (+ the DR_EXTRA variants). The step is replaced by a recorder: nothing is
     built, so this runs in milliseconds."""
-    from deprune_plugin.kernels import dw_direct, dw_dr, emulation
+    from deprune_plugin.kernels import dw_direct, dw_dr, dw_pw_fused, emulation
+    from deprune_plugin.kernels.dw_pw_fused import REFERENCE_OUT_CHANNELS
     from deprune_plugin.kernels.formats import CompactTaps, DRColumns
 
     seen = set()
@@ -79,6 +82,10 @@ def _launched_sources(monkeypatch) -> set[tuple[str, tuple[tuple[str, str], ...]
             x = x.contiguous(memory_format=torch.channels_last)
         dw_direct(x, CompactTaps.from_dense(weight), None, padding=1, backend="emu")
         dw_dr(x, DRColumns.from_dense(weight, group_size=gs, tile=tile), None, padding=1, backend="emu")
+    for dtype in DTYPES:  # the fused kernel is channels_last only
+        x = torch.randn(2, 40, 9, 10).to(dtype).contiguous(memory_format=torch.channels_last)
+        dw_pw_fused(x, CompactTaps.from_dense(weight), None, torch.randn(REFERENCE_OUT_CHANNELS, 40), None,
+                    padding=1, backend="emu")
     return seen
 
 

@@ -13,6 +13,7 @@ Shapes: ``x [N, C, H, W]`` (channels_last; made so when it is not) -> ``[N, CO, 
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import lru_cache
 
 import torch
@@ -23,7 +24,8 @@ from .launch import DEFAULT_SMEM_LIMIT, MAX_GRID_YZ, ConvGeometry, dynamic_smem_
 from .plan import KernelPlan
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
-__all__ = ["THREADS", "dw_pw_fused", "dw_pw_fused_plan", "fused_smem_bytes"]
+__all__ = ["REFERENCE_OUT_CHANNELS", "THREADS", "dw_pw_fused", "dw_pw_fused_defines", "dw_pw_fused_plan", "fused_smem_bytes",
+           "reference_geometry"]
 
 SOURCE = "dw_pw_fused.cu"
 ENTRY = "deprune_dw_pw_fused"
@@ -219,8 +221,9 @@ def dw_pw_fused(x: torch.Tensor, taps: CompactTaps, dw_bias: torch.Tensor | None
         x, weight_name="taps", weight_tensors=(taps.tap_ptr, taps.tap_idx, taps.tap_val), num_channels=c,
         kernel_size=taps.kernel_size, bias=dw_bias, stride=stride, padding=padding, dilation=dilation, act=act,
         backend=backend, out_channels=co)
-    if not g.nhwc:  # C == 1 or H == W == 1 with an ambiguous layout: nothing to vectorise over
-        raise ValueError(f"x of shape {tuple(x.shape)} is not channels_last; the fused kernel needs NHWC")
+    if not g.nhwc:  # H == W == 1 (or C == 1): x's bytes are NHWC too, only the output's layout needs fixing
+        g = replace(g, nhwc=True)
+        y = torch.empty_like(y, memory_format=torch.channels_last)
     lane = _VECTOR_BYTES // x.element_size()
     if c % lane:
         raise ValueError(f"the fused kernel needs C a multiple of {lane} for {x.dtype} (16-byte vectors), got C={c}")
@@ -250,3 +253,22 @@ def dw_pw_fused(x: torch.Tensor, taps: CompactTaps, dw_bias: torch.Tensor | None
             *(arg_i32(v) for v in (g.n, g.c, g.h, g.w, g.oh, g.ow, co, g.pad[0], g.pad[2])), arg_i32(act_code)]
     run_kernel(backend, src, plan.entry, plan.grid, plan.block, plan.smem_bytes, args, x.device)
     return y
+
+
+def reference_geometry() -> ConvGeometry:
+    """2 x 40 x 9 x 10 channels_last input, 3x3 window, stride 1, padding 1: the specialisation the compile
+    tests build by default (with :data:`REFERENCE_OUT_CHANNELS` outputs)."""
+    return ConvGeometry(2, 40, 9, 10, 9, 10, 3, 3, 1, 1, (1, 1, 1, 1), 1, 1, True)
+
+
+#: outputs of the reference specialisation (not a multiple of the output block: the masked tail compiles)
+REFERENCE_OUT_CHANNELS = 20
+
+
+def dw_pw_fused_defines(dtype: torch.dtype, g: ConvGeometry | None = None, out_channels: int | None = None, *,
+                        smem_limit: int = DEFAULT_SMEM_LIMIT) -> dict[str, object]:
+    """The ``#define`` set :func:`dw_pw_fused` compiles ``cuda/dw_pw_fused.cu`` with for ``g`` (default
+    :func:`reference_geometry` with :data:`REFERENCE_OUT_CHANNELS` outputs) and ``dtype``."""
+    g = reference_geometry() if g is None else g
+    co = REFERENCE_OUT_CHANNELS if out_channels is None else out_channels
+    return dict(dw_pw_fused_plan(g, co, dtype, smem_limit=smem_limit).defines)
