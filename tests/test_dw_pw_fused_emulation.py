@@ -11,6 +11,7 @@ masked, BN-folded weight, the activation, one rounding to the storage dtype, the
 """
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import shutil
@@ -20,12 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from deprune_plugin.kernels import CompactTaps, dw_pw_fused, emulation_available
-from deprune_plugin.kernels import dw_pw_fused as _pkg_fn  # noqa: F401 - the package exports the launcher
 from deprune_plugin.kernels.activations import apply_activation
 from deprune_plugin.kernels.launch import ConvGeometry
 from deprune_plugin.kernels.sources import cuda_dir
-
-import importlib
 
 fused_mod = importlib.import_module("deprune_plugin.kernels.dw_pw_fused")
 

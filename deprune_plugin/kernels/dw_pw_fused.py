@@ -24,8 +24,8 @@ from .launch import DEFAULT_SMEM_LIMIT, MAX_GRID_YZ, ConvGeometry, dynamic_smem_
 from .plan import KernelPlan
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
-__all__ = ["REFERENCE_OUT_CHANNELS", "THREADS", "dw_pw_fused", "dw_pw_fused_defines", "dw_pw_fused_plan", "fused_smem_bytes",
-           "reference_geometry"]
+__all__ = ["REFERENCE_OUT_CHANNELS", "THREADS", "dw_pw_fused", "dw_pw_fused_defines", "dw_pw_fused_plan",
+           "fused_smem_bytes", "reference_geometry"]
 
 SOURCE = "dw_pw_fused.cu"
 ENTRY = "deprune_dw_pw_fused"
