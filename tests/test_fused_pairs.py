@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from deprune_plugin import kernels as kernels_pkg
 from deprune_plugin.accel import FastDWConv
-from deprune_plugin.accel.fused import FusedDSConv, plan_pair_edits
+from deprune_plugin.accel.fused import FusedDSConv, ResidualPair, plan_pair_edits, plan_residual_edits
 from deprune_plugin.accel.selfcheck import check_inputs, verify_edits
 from deprune_plugin.kernels.activations import apply_activation
 from deprune_plugin.kernels.dispatch import KernelDispatcher
@@ -23,7 +23,7 @@ def reference_fused(x, taps, dw_bias, pw_weight, pw_bias, *, stride, padding, di
     y = F.conv2d(F.pad(x.float(), (left, right, top, bottom)), taps.to_dense(), dw_bias, stride, 0, dilation,
                  x.shape[1])
     y = apply_activation(act, y)
-    out = F.conv2d(y, pw_weight.float(), pw_bias) + (1.0 if wrong else 0.0)
+    out = F.conv2d(y, pw_weight.float().reshape(pw_weight.shape[0], -1, 1, 1), pw_bias) + (1.0 if wrong else 0.0)
     return out.to(x.dtype).contiguous(memory_format=torch.channels_last)
 
 
@@ -94,3 +94,65 @@ def test_se_blocks_are_left_unfused_with_the_reason(fake_fused_kernel):
     assert "blocks.0.0.conv_dw" in reasons and "se.conv_reduce" in reasons["blocks.0.0.conv_dw"]
     assert "SE block" in reasons["blocks.0.0.conv_dw"]
     assert {e.name for e in edits}.isdisjoint(reasons)
+
+
+# ---- residual blocks --------------------------------------------------------------------------------
+
+def test_residual_blocks_become_residual_pairs_and_keep_the_output(fake_fused_kernel):
+    """MobileNetV2's 10 inverted residuals with a skip: the expansion conv (BN folded) and ReLU6 chain into
+    the pair, the add moves into the pair; the 7 blocks without a skip stay as they are."""
+    m, fast, x = _accelerated()
+    edits, _ = plan_pair_edits(fast, x)
+    for e in edits:
+        e.apply(fast)
+    blocks = plan_residual_edits(fast, x)
+    assert [e.name for e in blocks] == ["blocks.1.1", "blocks.2.1", "blocks.2.2", "blocks.3.1", "blocks.3.2",
+                                        "blocks.3.3", "blocks.4.1", "blocks.4.2", "blocks.5.1", "blocks.5.2"]
+    inputs, _ = check_inputs(m, (x,))
+    verdict = verify_edits(fast, blocks, inputs)
+    assert len(verdict.kept) == 10 and not verdict.reverted
+    block = fast.blocks[2][1]
+    assert isinstance(block, ResidualPair) and isinstance(block.pair, FusedDSConv)
+    assert [type(c).__name__ for c in block.chain] == ["Conv2d", "ReLU6"]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_block_whose_output_is_not_pair_plus_input_is_left_alone(fake_fused_kernel):
+    """The same chain -> pair structure without the add (timm's has_skip off), and a block that adds its input
+    twice: neither output is the pair's output plus the block's input."""
+    _, fast, x = _accelerated()
+    edits, _ = plan_pair_edits(fast, x)
+    for e in edits:
+        e.apply(fast)
+    fast.blocks[1][1].has_skip = False
+    fast.blocks[2][1].register_forward_hook(lambda mod, args, out: out + args[0])
+    names = [e.name for e in plan_residual_edits(fast, x)]
+    assert "blocks.1.1" not in names and "blocks.2.1" not in names and "blocks.2.2" in names
+
+
+def test_the_real_fused_kernel_in_emulation_runs_every_pair_of_a_pruned_mobilenetv2():
+    """No stand-in: every DW+PW pair of a pruned MobileNetV2 (10 of them with their residual add in the
+    epilogue) through cuda/dw_pw_fused.cu's host emulation, checked by the pair's own dispatcher against the
+    unfused pair, and the whole model against the source model."""
+    from deprune_plugin.kernels import emulation_available
+    if not emulation_available()[0]:
+        pytest.skip("host emulation unavailable")
+    m, fast, x = _accelerated()
+    edits, _ = plan_pair_edits(fast, x)
+    for e in edits:
+        e.apply(fast)
+    for e in plan_residual_edits(fast, x):
+        e.apply(fast)
+    _use_kernels(fast)
+    pairs = [mod for mod in fast.modules() if isinstance(mod, FusedDSConv)]
+    for pair in pairs:
+        d = pair.dispatcher()
+        d.reps, d.warmup, d.calls_per_sample = 1, 0, 1
+    with torch.no_grad():
+        y = fast(x)
+    torch.testing.assert_close(y, m(x), rtol=1e-4, atol=1e-4)
+    assert len(pairs) == 17
+    for pair in pairs:
+        (choice,) = pair.dispatcher().cache.values()
+        assert not choice.dropped and set(choice.timings) == {"unfused", "fused"}, pair.label

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .convert import ReportEntry, plan_edits
 from .fold import find_chains, trace_calls
-from .fused import FusedDSConv, fused_kernel_available, plan_pair_edits
+from .fused import FusedDSConv, fused_kernel_available, plan_pair_edits, plan_residual_edits
 from .graphs import CUDAGraphModel
 from .modules import FastDWConv
 from .runtimes import RUNTIMES, RuntimeModel, runtime_available, to_onnx
@@ -332,6 +332,13 @@ def _fuse_pairs(fast: nn.Module, example_inputs: tuple, inputs: list, prepare, r
     report.checks += [f"DW+PW pairs: {c}" for c in verdict.checks]
     report.entries += [e.entry for e in verdict.kept] + unfused
     report.entries += [ReportEntry(e.name, "unfused", why) for e, why in verdict.reverted]
+    blocks = plan_residual_edits(fast, example_inputs) if verdict.kept else []
+    if not blocks:
+        return
+    residual = verify_edits(fast, blocks, inputs, prepare)
+    report.checks += [f"residual adds: {c}" for c in residual.checks]
+    report.entries += [e.entry for e in residual.kept]
+    report.entries += [ReportEntry(e.name, "unfused", f"residual add: {why}") for e, why in residual.reverted]
 
 
 def kernel_choices(model: nn.Module) -> dict[str, dict]:

@@ -12,7 +12,13 @@ kernel, between
 Pairs are found in a traced forward of the already accelerated model: the PW conv must be the next module
 called, its input must *be* the DW module's output, and nothing else may read that output (an SE block,
 which pools the DW output before the PW conv, or a skip from the DW output prevents fusion; the report
-says which). The residual add of an inverted residual stays a separate op (the model's own forward).
+says which: SE blocks are left unfused, cleanly).
+
+Residual adds: a block (any module, e.g. timm's ``InvertedResidual`` or ``DepthwiseSeparableConv``) whose
+calls are a chain of modules from its input to a pair, then only pass-through modules (``Identity``, an eval
+``DropPath``), and whose output is exactly that pair's output plus the block's input, becomes a
+:class:`ResidualPair`: ``pair(chain(x), residual=x)``, the add done in the fused kernel's epilogue
+(:func:`plan_residual_edits`). Like every edit, it stays only if the model's outputs still match.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from .convert import Edit, ReportEntry
 from .fold import Trace, trace_calls
 from .modules import DISPATCHER_LOCK, FastDWConv
 
-__all__ = ["FusedDSConv", "fused_kernel_available", "plan_pair_edits"]
+__all__ = ["FusedDSConv", "ResidualPair", "fused_kernel_available", "plan_pair_edits", "plan_residual_edits"]
 
 
 def fused_kernel_available() -> bool:
@@ -37,12 +43,12 @@ def fused_kernel_available() -> bool:
     return hasattr(kernels, "dw_pw_fused")
 
 
-def _unfused(x: torch.Tensor, mod: "FusedDSConv") -> torch.Tensor:
-    return mod.unfused(x)
+def _unfused(x: torch.Tensor, mod: "FusedDSConv", residual: torch.Tensor | None = None) -> torch.Tensor:
+    return mod.unfused(x, residual)
 
 
-def _fused(x: torch.Tensor, mod: "FusedDSConv") -> torch.Tensor:
-    return mod.run_fused(x)
+def _fused(x: torch.Tensor, mod: "FusedDSConv", residual: torch.Tensor | None = None) -> torch.Tensor:
+    return mod.run_fused(x, residual)
 
 
 class FusedDSConv(nn.Module):
@@ -54,7 +60,8 @@ class FusedDSConv(nn.Module):
         pw_bias: ``[C_out]`` folded bias (zeros if the conv had none).
         label: the pair's name in reports.
 
-    Shapes: ``[N, C, H, W]`` -> ``[N, C_out, Ho, Wo]``.
+    Shapes: ``[N, C, H, W]`` -> ``[N, C_out, Ho, Wo]``; ``forward(x, residual)`` adds ``residual``
+    ``[N, C_out, Ho, Wo]`` (the fused kernel in its epilogue).
     """
 
     def __init__(self, dw: FastDWConv, pw_weight: torch.Tensor, pw_bias: torch.Tensor, label: str = "") -> None:
@@ -67,25 +74,36 @@ class FusedDSConv(nn.Module):
         self.label = label
         self.choices: dict[tuple, str] = {}
         self._dispatcher: KernelDispatcher | None = None
+        self._pw_cast: dict[tuple, torch.Tensor] = {}  # the 1x1 weight as [C_out, C] per (dtype, device)
 
     def extra_repr(self) -> str:
         return f"pw {self.pw_weight.shape[1]} -> {self.pw_weight.shape[0]}"
 
-    def unfused(self, x: torch.Tensor) -> torch.Tensor:
-        """The DW layer, then the 1x1 conv."""
+    def unfused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The DW layer, then the 1x1 conv (then the residual add)."""
         y = self.dw(x)
-        return F.conv2d(y, self.pw_weight.to(y.dtype), self.pw_bias.to(y.dtype))
+        out = F.conv2d(y, self.pw_weight.to(y.dtype), self.pw_bias.to(y.dtype))
+        return out if residual is None else out + residual
 
-    def run_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused kernel (DW taps + bias + act, then the PW GEMM + bias, in one pass)."""
+    def _pw_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.dtype, x.device, self.pw_weight.data_ptr())
+        w = self._pw_cast.get(key)
+        if w is None:  # once per dtype and device (a .to() / load makes a new weight: a new key, the old dropped)
+            w = self.pw_weight.reshape(self.pw_weight.shape[0], -1).to(x.dtype).contiguous()
+            self._pw_cast = {key: w}
+        return w
+
+    def run_fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The fused kernel (DW taps + bias + act, then the PW GEMM + bias (+ residual), in one pass)."""
         import deprune_plugin.kernels as kernels
 
         dw = self.dw
         fmt = dw.formats()
         backend = "emu" if dw.backend == "emu" else "cupy"
-        return kernels.dw_pw_fused(x, fmt["taps"], fmt["bias"], self.pw_weight, self.pw_bias.float(),
+        kw = {} if residual is None else {"residual": residual}  # stand-ins in tests take no residual
+        return kernels.dw_pw_fused(x, fmt["taps"], fmt["bias"], self._pw_matrix(x), self.pw_bias.float(),
                                    stride=dw.stride, padding=dw.pads(x), dilation=dw.dilation, act=dw.act,
-                                   backend=backend)
+                                   backend=backend, **kw)
 
     def dispatcher(self) -> KernelDispatcher:
         with DISPATCHER_LOCK:
@@ -96,18 +114,19 @@ class FusedDSConv(nn.Module):
                 self._dispatcher = d
         return self._dispatcher
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or not self.dw._uses_kernels(x):
-            return self.unfused(x)
+            return self.unfused(x, residual)
         key = dispatch_key(x)
         name = self.choices.get(key)
         if name is None:
-            name = self.choices[key] = self.dispatcher().select(x, self).name
-        return self.unfused(x) if name == "unfused" else self.run_fused(x)
+            name = self.choices[key] = self.dispatcher().select(x, self, residual).name
+        return self.unfused(x, residual) if name == "unfused" else self.run_fused(x, residual)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_dispatcher"] = None
+        state["_pw_cast"] = {}
         return state
 
 
@@ -150,3 +169,99 @@ def plan_pair_edits(model: nn.Module, example_inputs: tuple) -> tuple[list[Edit]
         entry = ReportEntry(name, "fused", f"paired with {names[pw]} ({pw.in_channels} -> {pw.out_channels})")
         edits.append(Edit(name, entry, [(name, pair), (names[pw], nn.Identity())]))
     return edits, left
+
+
+class ResidualPair(nn.Module):
+    """A block computing ``pair(chain(x)) + x``, run as ``pair(chain(x), residual=x)``.
+
+    Args:
+        chain: the modules the block runs before the pair, in order (e.g. the expansion 1x1 conv, BN folded).
+        pair: the block's :class:`FusedDSConv`.
+
+    Shapes: ``[N, C_in, H, W]`` -> ``[N, C_in, H, W]`` (a residual block keeps its shape).
+    """
+
+    def __init__(self, chain: list[nn.Module], pair: FusedDSConv) -> None:
+        super().__init__()
+        self.chain = nn.Sequential(*chain)
+        self.pair = pair
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pair(self.chain(x), residual=x)
+
+
+def _block_trace(model: nn.Module, inputs: tuple, blocks: list[nn.Module]):
+    """Leaf-level calls ``[(module, input, output)]`` of one forward (a :class:`FusedDSConv` counts as a leaf)
+    and, per block, ``(first call index, end index, input, output)``."""
+    inside = {id(m) for p in model.modules() if isinstance(p, FusedDSConv) for m in p.modules() if m is not p}
+    leaves = [m for m in model.modules()
+              if id(m) not in inside and (isinstance(m, FusedDSConv) or not list(m.children()))]
+    calls: list[tuple[nn.Module, Any, Any]] = []
+    spans: dict[int, list] = {}
+
+    def leaf_hook(mod, args, out):
+        calls.append((mod, args[0] if args else None, out))
+
+    def pre(mod, args):
+        spans.setdefault(id(mod), [len(calls), None, args[0] if args else None, None])
+
+    def post(mod, args, out):
+        span = spans[id(mod)]
+        if span[1] is None:
+            span[1], span[3] = len(calls), out
+    handles = [m.register_forward_hook(leaf_hook) for m in leaves]
+    for b in blocks:
+        handles += [b.register_forward_pre_hook(pre), b.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, spans
+
+
+def plan_residual_edits(model: nn.Module, example_inputs: tuple) -> list[Edit]:
+    """Edits turning each block ``chain -> pair -> pass-through`` with ``output == pair output + input`` into a
+    :class:`ResidualPair` (see the module doc). Blocks that do not have exactly that form are left alone."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    names = {m: n for n, m in model.named_modules()}
+    pairs = [(n, m) for n, m in model.named_modules() if isinstance(m, FusedDSConv)]
+    parents = {}
+    for name, pair in pairs:
+        parent_name = name.rpartition(".")[0]
+        if parent_name:
+            parents[parent_name] = (model.get_submodule(parent_name), pair)
+    if not parents:
+        return []
+    calls, spans = _block_trace(model, tuple(example_inputs), [b for b, _ in parents.values()])
+    counts: dict[int, int] = {}
+    for mod, _, _ in calls:
+        counts[id(mod)] = counts.get(id(mod), 0) + 1
+    edits = []
+    for parent_name, (block, pair) in parents.items():
+        span = spans.get(id(block))
+        if span is None or span[1] is None or not isinstance(span[2], torch.Tensor):
+            continue
+        start, end, inp, out = span
+        inner = calls[start:end]
+        at = [i for i, c in enumerate(inner) if c[0] is pair]
+        if len(at) != 1 or counts.get(id(pair)) != 1:
+            continue
+        k = at[0]
+        chain, prev = [], inp
+        for mod, a, o in inner[:k]:  # a linear chain from the block's input to the pair
+            if a is not prev or counts.get(id(mod)) != 1:
+                break
+            chain.append(mod)
+            prev = o
+        else:
+            if inner[k][1] is not prev:
+                continue
+            prev = inner[k][2]
+            if all(a is prev and o is prev for _, a, o in inner[k + 1:]) and isinstance(out, torch.Tensor) \
+                    and out.shape == inp.shape and torch.equal(out, prev + inp):
+                entry = ReportEntry(parent_name, "fused", f"residual add fused into {names[pair]}'s epilogue")
+                edits.append(Edit(parent_name, entry, [(parent_name, ResidualPair(chain, pair))]))
+    return edits
