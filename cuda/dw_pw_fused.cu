@@ -109,7 +109,7 @@ static_assert(sizeof(scalar_t) == 2, "the tensor-core path takes fp16 or bf16 st
 
 // Shared memory (bytes, each region 16-byte aligned): s_in[IN_H*IN_W][KC] | s_a[P][AS] | s_b[COB][AS] storage,
 // s_w[KT][KC] fp32 | s_mask[MASK_WORDS][KC] u32.
-constexpr int align16(int b) { return (b + 15) / 16 * 16; }
+__host__ __device__ constexpr int align16(int b) { return (b + 15) / 16 * 16; }
 constexpr int IN_BYTES = align16(IN_H * IN_W * KC * static_cast<int>(sizeof(scalar_t)));
 constexpr int A_BYTES = align16(P * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int B_BYTES = align16(COB * AS * static_cast<int>(sizeof(scalar_t)));
@@ -283,6 +283,7 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
         // Input tile with halo, INFLIGHT 16-byte loads per thread in flight before their stores.
         {
             constexpr int ITEMS = IN_H * IN_W * NVC;
+#pragma unroll 1
             for (int e0 = 0; e0 < ITEMS; e0 += THREADS * INFLIGHT) {
                 vec16 v[INFLIGHT];
 #pragma unroll
@@ -319,7 +320,9 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
         }
         __syncthreads();
 
-        // (2) DW: item = (pixel p, vector v); the vector's kept taps only.
+        // (2) DW: item = (pixel p, vector v); the vector's kept taps only. Not unrolled: the trip count is a
+        // constant, and unrolled items keep several vectors' taps in flight (register spills at KC = 64).
+#pragma unroll 1
         for (int it = tid; it < P * NVC; it += THREADS) {
             const int p = it / NVC, v = it - p * NVC;
             const int py = p / TILE_W, px = p - py * TILE_W;

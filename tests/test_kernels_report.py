@@ -6,6 +6,7 @@ copy bandwidth modelled for the direct kernel."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,8 @@ def test_the_cli_without_the_toolkit_is_one_line(monkeypatch, capsys):
 # ---- the report over MobileNetV2's DW layers (nvcc + cuobjdump) -------------------------------------------
 
 def _mobilenetv2_layers(batch: int = 32) -> list[DWLayer]:
-    """MobileNetV2's 17 DW layers at 224x224 (geometry from the timm model), 2 of 9 taps kept per channel."""
+    """MobileNetV2's 17 DW layers at 224x224 (geometry from the timm model, unpruned 1x1 convs), 2 of 9 taps kept
+    per channel."""
     from deprune_plugin.app.kernel_report import dw_layers
     from deprune_plugin.core.zoo import build_model
 
@@ -124,7 +126,7 @@ def _mobilenetv2_layers(batch: int = 32) -> list[DWLayer]:
         c = la.geometry.c
         scores = torch.rand(c, 9, generator=torch.Generator().manual_seed(c))
         keep = torch.zeros(c, 9, dtype=torch.bool).scatter_(1, scores.topk(2, dim=1).indices, True)
-        out.append(DWLayer(la.name, la.geometry, keep.reshape(c, 1, 3, 3)))
+        out.append(replace(la, keep=keep.reshape(c, 1, 3, 3)))  # the pairs (pw_out, residual) kept
     return out
 
 
@@ -140,7 +142,7 @@ def mbv2_report():
 def test_report_schema(mbv2_report):
     rep = json.loads(json.dumps(mbv2_report))  # plain JSON
     assert (rep["arch"], rep["batch"], rep["dtype"]) == ("sm_90", 32, "float16")
-    assert len(rep["layers"]) == 17 * 2
+    assert len(rep["layers"]) == 17 * 3
     for row in rep["layers"]:
         assert ROW_FIELDS <= set(row), ROW_FIELDS - set(row)
         assert row["kernel"] in ("direct", "dr", "fused")
@@ -151,7 +153,7 @@ def test_report_schema(mbv2_report):
         assert 0 < row["occupancy"] <= 1
         if row["kernel"] == "fused":
             assert row["bytes_moved_unfused"] > row["bytes_moved"]
-    assert set(rep["summary"]) == {"direct", "dr"}
+    assert set(rep["summary"]) == {"direct", "dr", "fused"} and rep["unfused_layers"] == []
 
 
 @pytest.mark.nvcc
@@ -205,6 +207,35 @@ def test_deprune_kernels_command_writes_the_json(tmp_path, capsys):
     kept = [r["kept_taps"] / r["taps"] for r in rep["layers"]]
     assert all(0.15 < k < 0.3 for k in kept), kept  # DEPrune-BH at 78% of taps
     assert "direct:" in capsys.readouterr().out
+
+
+@pytest.mark.nvcc
+@pytest.mark.skipif(not TOOLS, reason="nvcc or cuobjdump not found")
+def test_fused_rows(mbv2_report):
+    """Every MobileNetV2 DW conv pairs with its projection (10 with the residual add); the pairs run the 1x1 on
+    tensor cores and move far fewer bytes than the same pair unfused; the summary adds them up."""
+    rows = [r for r in mbv2_report["layers"] if r["kernel"] == "fused"]
+    assert len(rows) == 17 and sum(r["residual"] for r in rows) == 10
+    assert all(r["tensor_cores"] and r["act"] == "relu6" for r in rows)
+    for r in rows:
+        assert r["bytes_min"] <= r["bytes_moved"] < r["bytes_moved_layer"] < r["bytes_moved_unfused"]
+        assert r["fused_over_unfused"] == round(r["bytes_moved"] / r["bytes_moved_unfused"], 3)
+        assert r["modelled_us"] < r["modelled_unfused_us"]
+    s = mbv2_report["summary"]["fused"]
+    assert s["bytes_moved"] == sum(r["bytes_moved"] for r in rows)
+    assert s["fused_over_unfused"] == round(s["bytes_moved"] / s["bytes_moved_unfused"], 3) < 0.4
+
+
+def test_dw_layers_know_their_pairs_and_why_se_blocks_are_not_fused():
+    from deprune_plugin.app.kernel_report import dw_layers
+    from deprune_plugin.core.zoo import build_model
+
+    mbv2 = dw_layers(build_model("timm", "mobilenetv2_050"), 64, 2)
+    assert [la.pw_out for la in mbv2[:3]] == [8, 16, 16] and sum(la.residual for la in mbv2) == 10
+    eff = dw_layers(build_model("timm", "efficientnet_b0"), 64, 2)
+    assert len(eff) == 16 and all(la.pw_out == 0 and "SE block" in la.pw_note for la in eff)
+    with pytest.raises(ValueError, match="no fusable 1x1 conv"):
+        kernel_plan("fused", eff[0], torch.float16, ARCHS["sm_90"])
 
 
 @pytest.mark.parametrize("name", ["kernels_report_baseline_sm90_b32_fp16.json", "kernels_report_sm90_b32_fp16.json"])

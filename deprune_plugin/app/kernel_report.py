@@ -1,10 +1,12 @@
-"""``deprune kernels``: the static performance report of the DW kernels on a pruned model's DW layers.
+"""``deprune kernels``: the static performance report of the DW kernels and the fused DW + 1x1 pairs on a pruned
+model's DW layers.
 
-Builds the timm model with random weights (nothing is downloaded), prunes its DW taps with DEPrune (BH by
-default, 78% of taps), records every DW layer's input and output size with one forward pass
-(:func:`deprune_plugin.core.probe.probe`, batch 1: the geometry at ``--batch`` differs only in ``n``), and
-hands the geometries and keep masks to :func:`deprune_plugin.kernels.report.kernel_report`, which compiles and
-models the kernels (see its docstring for the model and its assumptions).
+Builds the timm model with random weights (nothing is downloaded), prunes it with DEPrune (BH by default, 78%
+of the DW taps, 50% of the PW-conv2 filters), records every DW layer's input and output size with one forward
+pass (:func:`deprune_plugin.core.probe.probe`, batch 1: the geometry at ``--batch`` differs only in ``n``), finds
+the 1x1 conv ``accelerate`` would fuse each DW conv with (and whether its block's residual add joins), and
+hands all that to :func:`deprune_plugin.kernels.report.kernel_report`, which compiles and models the kernels
+(see its docstring for the model and its assumptions).
 """
 from __future__ import annotations
 
@@ -31,14 +33,41 @@ def _same_pads(size: int, k: int, s: int, d: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-def dw_layers(model: nn.Module, image_size: int, batch: int, channels_last: bool = True) -> list[DWLayer]:
+def fusable_pairs(model: nn.Module, example: torch.Tensor) -> dict[str, dict]:
+    """Per DW conv name, what ``accelerate`` would fuse it with: ``{"pw_out", "act", "residual"}`` for a DW
+    conv with a 1x1 conv that alone reads its output (the pair planner of :mod:`deprune_plugin.accel.fused`
+    on ``accelerate(model, backend="torch")``), ``{"note": reason}`` for one left unfused (e.g. an SE block)."""
+    import warnings
+
+    from ..accel import AccelerateConfig, accelerate
+    from ..accel.fused import plan_pair_edits, plan_residual_edits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = accelerate(model, backend="torch", example_inputs=example, config=AccelerateConfig(cpu_runtimes=()))
+    edits, unfused = plan_pair_edits(fast, example)
+    for e in edits:
+        e.apply(fast)
+    with_residual = {id(e.swaps[0][1].pair) for e in plan_residual_edits(fast, example)}
+    out: dict[str, dict] = {e.name: {"note": e.detail} for e in unfused}
+    for e in edits:
+        pair = e.swaps[0][1]
+        out[e.name] = {"pw_out": int(pair.pw_weight.shape[0]), "act": pair.dw.act,
+                       "residual": id(pair) in with_residual}
+    return out
+
+
+def dw_layers(model: nn.Module, image_size: int, batch: int, channels_last: bool = True,
+              pairs: bool = True) -> list[DWLayer]:
     """Every depth-wise conv of ``model`` as a :class:`DWLayer` for a ``[batch, C, image_size, image_size]``
-    input: geometry from one batch-1 forward pass, keep mask from the tap mask (or the nonzero taps)."""
+    input: geometry from one batch-1 forward pass, keep mask from the tap mask (or the nonzero taps), and
+    with ``pairs`` the 1x1 conv each would be fused with (:func:`fusable_pairs`)."""
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = first.in_channels if first is not None else 3
     with torch.no_grad():
         rec = probe(model.eval(), (torch.zeros(1, channels, image_size, image_size),))
     names = {m: n for n, m in model.named_modules()}
+    fusion = fusable_pairs(model, torch.randn(1, channels, image_size, image_size)) if pairs else {}
     layers = []
     for m in sorted((m for m in rec.in_hw if is_depthwise(m)), key=lambda m: rec.order[m]):
         (h, w), (oh, ow) = rec.in_hw[m], rec.out_hw[m]
@@ -57,7 +86,10 @@ def dw_layers(model: nn.Module, image_size: int, batch: int, channels_last: bool
         keep = (m.weight != 0) if keep is None else keep.to(torch.bool)
         g = ConvGeometry(batch, m.out_channels, h, w, oh, ow, kh, kw, sh, sw, (top, bottom, left, right), dh, dw,
                          channels_last)
-        layers.append(DWLayer(names[m], g, keep.detach().cpu().reshape(m.out_channels, 1, kh, kw)))
+        f = fusion.get(names[m], {})
+        layers.append(DWLayer(names[m], g, keep.detach().cpu().reshape(m.out_channels, 1, kh, kw),
+                              pw_out=f.get("pw_out", 0), act=f.get("act", "identity"),
+                              residual=f.get("residual", False), pw_note=f.get("note", "")))
     return layers
 
 
@@ -85,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="(default: %(default)s)")
     p.add_argument("--image-size", type=_int_at_least(8), default=224, help="(default: %(default)s)")
     p.add_argument("--dw", type=_ratio, default=0.78, help="DW tap pruning ratio (default: %(default)s)")
-    p.add_argument("--pw", type=_ratio, default=0.0, help="PW-conv2 pruning ratio (default: %(default)s)")
+    p.add_argument("--pw", type=_ratio, default=0.5, help="PW-conv2 pruning ratio (default: %(default)s)")
     p.add_argument("--variant", default="BH", choices=sorted(VARIANTS), help="(default: %(default)s)")
     p.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=list(KERNELS),
                    help="(default: all)")

@@ -83,12 +83,14 @@ from .sources import cuda_dir, specialize
 # The launcher modules themselves (the package re-exports their functions under the same names).
 _direct_mod = importlib.import_module(f"{__package__}.dw_direct")
 _dr_mod = importlib.import_module(f"{__package__}.dw_dr")
+_fused_mod = importlib.import_module(f"{__package__}.dw_pw_fused")
 
 __all__ = ["ARCHS", "Arch", "DWLayer", "KERNELS", "SassStats", "analyze_sass", "compile_stats", "find_tool",
            "kernel_plan", "kernel_report", "occupancy", "print_report"]
 
-#: Kernel variants the report knows (``"fused"`` joins when the kernels package has a fused launcher).
-KERNELS = ("direct", "dr")
+#: Kernel variants the report knows: the two DW kernels and the fused DW + 1x1 pair (rows only for layers
+#: with a fusable 1x1 conv after them, :attr:`DWLayer.pw_out`).
+KERNELS = ("direct", "dr", "fused")
 LAUNCH_FLOOR_S = 2e-6
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -125,11 +127,19 @@ ARCHS: dict[str, Arch] = {
 @dataclass(frozen=True)
 class DWLayer:
     """One DW conv to report on: its name, the geometry of one call (``[n, c, h, w] -> [n, c, oh, ow]``,
-    see :class:`.launch.ConvGeometry`) and the keep mask ``[C, 1, kh, kw]`` (bool)."""
+    see :class:`.launch.ConvGeometry`) and the keep mask ``[C, 1, kh, kw]`` (bool).
+
+    For the fused pair: ``pw_out`` the outputs of the 1x1 conv that alone reads this layer's output (0: none,
+    e.g. an SE block in between; ``pw_note`` says why), ``act`` the DW activation, ``residual`` whether the
+    pair's block adds its input to the 1x1 output."""
 
     name: str
     geometry: ConvGeometry
     keep: torch.Tensor
+    pw_out: int = 0
+    act: str = "identity"
+    residual: bool = False
+    pw_note: str = ""
 
 
 # ---------------------------------------------------------------------------------------------- plans
@@ -206,6 +216,11 @@ def kernel_plan(kernel: str, layer: DWLayer, dtype: torch.dtype, arch: Arch, gro
         if planner is not None:
             return planner(g, dtype, cols, smem_limit=arch.smem_optin)
         return _derived_dr_plan(g, dtype, cols)
+    if kernel == "fused":
+        if not layer.pw_out:
+            raise ValueError(f"{layer.name} has no fusable 1x1 conv after it ({layer.pw_note or 'pw_out is 0'})")
+        return _fused_mod.dw_pw_fused_plan(g, layer.pw_out, dtype, smem_limit=arch.smem_optin, act=layer.act,
+                                           residual=layer.residual, kept_taps=int(layer.keep.sum()))
     raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
 
 
@@ -222,6 +237,8 @@ def _macs(kernel: str, layer: DWLayer, plan: KernelPlan, group_size: int, tile: 
             cols = d.num_columns
         return g.n * g.oh * g.ow * group_size * int(cols)
     vec = int(plan.defines.get("DEPRUNE_VEC", 1)) if g.nhwc else 1
+    if kernel == "fused":  # 16-byte channel vectors, like the channels_last direct kernel; plus the 1x1 GEMM
+        vec = 16 // _elem_bytes(_dtype_of(plan))
     keep = layer.keep.reshape(g.c, -1)
     if vec > 1:
         pad = -g.c % vec
@@ -229,7 +246,12 @@ def _macs(kernel: str, layer: DWLayer, plan: KernelPlan, group_size: int, tile: 
         executed = int(keep.reshape(-1, vec, keep.shape[1]).any(dim=1).sum()) * vec
     else:
         executed = int(keep.sum())
-    return g.n * g.oh * g.ow * executed
+    return g.n * g.oh * g.ow * executed + int(plan.extra.get("pw_macs", 0))
+
+
+def _dtype_of(plan: KernelPlan) -> torch.dtype:
+    return {"float": torch.float32, "__half": torch.float16, "__nv_bfloat16": torch.bfloat16}[
+        str(plan.defines["DEPRUNE_SCALAR"])]
 
 
 # ---------------------------------------------------------------------------------------------- tools
@@ -389,6 +411,10 @@ class SassStats:
     lds_cycles_per_iteration: float
     tensor_cores: bool
     loops: int
+    # the same three per kind of multiply-add (a fused pair runs both): the innermost loop with the most
+    # CUDA-core MACs (FFMA / HFMA2) and the one with the most tensor-core MACs (HMMA / HGMMA)
+    cc_loop: tuple[int, int, float] = (0, 0, 0.0)
+    tc_loop: tuple[int, int, float] = (0, 0, 0.0)
 
     @property
     def instr_per_staged_element(self) -> float:
@@ -502,12 +528,20 @@ def analyze_sass(sass: str, elem_bits: int, input_param: int | None = 0x210) -> 
         macs = sum(_macs_per_warp(i.op) for i in ops)
         if macs and (best is None or macs > best[0]):
             best = (macs, len(ops), sum(_lds_cycles(i.op) for i in ops))
+    per_kind = {}
+    for kind, tensor_op in (("cc", False), ("tc", True)):
+        for a, b in innermost:
+            ops = ins[a:b + 1]
+            macs = sum(_macs_per_warp(i.op) for i in ops if (i.op.split(".")[0] in ("HMMA", "HGMMA")) == tensor_op)
+            if macs and (kind not in per_kind or macs > per_kind[kind][0]):
+                per_kind[kind] = (macs, len(ops), sum(_lds_cycles(i.op) for i in ops))
     if best is None:
         bars = [n for n, i in enumerate(ins) if i.op.startswith("BAR")]
         post = ins[bars[-1] if bars else 0:]
         best = (sum(_macs_per_warp(i.op) for i in post), len(post), sum(_lds_cycles(i.op) for i in post))
     return SassStats(len(ins), widest, max(staged, default=0), count, elements, len(staged),
-                     sum(staged) * 32 // 8, best[1], best[0], best[2], tensor, len(loops))
+                     sum(staged) * 32 // 8, best[1], best[0], best[2], tensor, len(loops),
+                     per_kind.get("cc", (0, 0, 0.0)), per_kind.get("tc", (0, 0, 0.0)))
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -526,7 +560,7 @@ def occupancy(arch: Arch, threads: int, registers: int, smem_bytes: int) -> dict
 
 
 def _model(arch: Arch, plan: KernelPlan, stats: SassStats, occ: dict, macs: int, elem_bytes: int,
-           bytes_min: int, tensor_cores: bool) -> dict[str, float]:
+           bytes_min: int, tensor_cores: bool, tc_macs: int | None = None) -> dict[str, float]:
     clock = arch.clock_ghz * 1e9
     staged_elements = plan.staged_bytes / elem_bytes
     t_mem = plan.bytes_moved / (arch.copy_tbps * 1e12)
@@ -534,11 +568,22 @@ def _model(arch: Arch, plan: KernelPlan, stats: SassStats, occ: dict, macs: int,
     lat_bw = arch.sms * max(occ["warps_per_sm"], 1) * inflight / (arch.dram_latency_us * 1e-6)
     t_lat = plan.staged_bytes / lat_bw
     ipe = stats.instr_per_staged_element if stats.staging_elements else 0.0
-    iterations = macs * 32 / stats.macs_per_warp_iteration / 32 if stats.macs_per_warp_iteration else 0.0
-    warp_instr = staged_elements * ipe / 32 + iterations * stats.mac_instructions
+    if tc_macs is not None:  # a fused pair: DW MACs at the CUDA-core loop's cost, 1x1 MACs at the MMA loop's
+        loops = [(macs - tc_macs, stats.cc_loop), (tc_macs, stats.tc_loop if stats.tc_loop[0] else stats.cc_loop)]
+        per_loop = [(m / loop[0] if loop[0] else 0.0, loop) for m, loop in loops]
+        warp_instr = staged_elements * ipe / 32 + sum(it * loop[1] for it, loop in per_loop)
+        lds = sum(it * loop[2] for it, loop in per_loop)
+    else:
+        iterations = macs * 32 / stats.macs_per_warp_iteration / 32 if stats.macs_per_warp_iteration else 0.0
+        warp_instr = staged_elements * ipe / 32 + iterations * stats.mac_instructions
+        lds = iterations * stats.lds_cycles_per_iteration
     t_issue = warp_instr / (arch.sms * 4 * clock)
-    t_math = 2 * macs / (arch.tensor_tflops * 1e12) if tensor_cores else macs / (arch.sms * 128 * clock)
-    t_lds = iterations * stats.lds_cycles_per_iteration / (arch.sms * clock)
+    if tc_macs is not None:  # a fused pair: the DW taps on CUDA cores, the 1x1 GEMM on tensor cores (or not)
+        tc = tc_macs if tensor_cores else 0
+        t_math = (macs - tc) / (arch.sms * 128 * clock) + 2 * tc / (arch.tensor_tflops * 1e12)
+    else:
+        t_math = 2 * macs / (arch.tensor_tflops * 1e12) if tensor_cores else macs / (arch.sms * 128 * clock)
+    t_lds = lds / (arch.sms * clock)
     terms = {"mem": t_mem, "latency": t_lat, "issue": t_issue, "math": t_math, "lds": t_lds}
     t = max(terms.values()) + LAUNCH_FLOOR_S
     roof = bytes_min / (arch.copy_tbps * 1e12)
@@ -567,7 +612,8 @@ def kernel_report(layers: Sequence[DWLayer], arch: str = "sm_90", dtype: torch.d
     dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     eb = _elem_bytes(dtype)
     kernels = tuple(kernels)
-    plans = [(layer, k, kernel_plan(k, layer, dtype, a, group_size, tile)) for layer in layers for k in kernels]
+    plans = [(layer, k, kernel_plan(k, layer, dtype, a, group_size, tile)) for layer in layers for k in kernels
+             if k != "fused" or layer.pw_out]
     sources: dict[tuple[str, str], str] = {}  # (source hash, entry) -> code: each define set compiled once
     specs = {}
     for _, _, plan in plans:
@@ -587,8 +633,13 @@ def kernel_report(layers: Sequence[DWLayer], arch: str = "sm_90", dtype: torch.d
         threads = math.prod(plan.block)
         occ = occupancy(a, threads, cs.registers, cs.static_smem + plan.smem_bytes)
         macs = _macs(k, layer, plan, group_size, tile)
-        weights = plan.bytes_moved - plan.staged_bytes - g.n * g.c * g.oh * g.ow * eb
-        bytes_min = plan.unique_bytes + g.n * g.c * g.oh * g.ow * eb + max(weights, 0)
+        if k == "fused":  # input once, the 1x1 output (and the residual) once, both weights
+            out_bytes = g.n * layer.pw_out * g.oh * g.ow * eb * (2 if layer.residual else 1)
+            weights = plan.bytes_moved - plan.staged_bytes - out_bytes
+            bytes_min = plan.unique_bytes + out_bytes + max(weights, 0)
+        else:
+            weights = plan.bytes_moved - plan.staged_bytes - g.n * g.c * g.oh * g.ow * eb
+            bytes_min = plan.unique_bytes + g.n * g.c * g.oh * g.ow * eb + max(weights, 0)
         row = {
             "layer": layer.name, "kernel": k,
             "geometry": {"n": g.n, "c": g.c, "h": g.h, "w": g.w, "oh": g.oh, "ow": g.ow, "k": [g.kh, g.kw],
@@ -606,10 +657,11 @@ def kernel_report(layers: Sequence[DWLayer], arch: str = "sm_90", dtype: torch.d
             "bytes_moved": int(plan.bytes_moved), "bytes_min": int(bytes_min), "macs": int(macs),
             "tensor_cores": bool(ss.tensor_cores or plan.tensor_cores),
         }
+        tc_macs = int(plan.extra["pw_macs"]) if k == "fused" else None
         row.update({kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in
-                    _model(a, plan, ss, occ, macs, eb, bytes_min, row["tensor_cores"]).items()})
+                    _model(a, plan, ss, occ, macs, eb, bytes_min, row["tensor_cores"], tc_macs).items()})
         if k == "fused":
-            row["bytes_moved_unfused"] = int(plan.extra.get("bytes_moved_unfused", 0))
+            row.update(_fused_fields(plan, layer, a))
         rows.append(row)
     summary = {}
     for k in kernels:
@@ -619,6 +671,16 @@ def kernel_report(layers: Sequence[DWLayer], arch: str = "sm_90", dtype: torch.d
             roof = sum(r["roofline_us"] for r in rs)
             summary[k] = {"modelled_us": round(t, 2), "roofline_us": round(roof, 2),
                           "modelled_pct_copy_bw": round(100 * roof / t, 1)}
+            if k == "fused":
+                moved = sum(r["bytes_moved"] for r in rs)
+                for key in ("bytes_moved_unfused", "bytes_moved_layer"):
+                    total = sum(r[key] for r in rs)
+                    summary[k][key] = total
+                    summary[k][key.replace("bytes_moved", "fused_over")] = round(moved / total, 3)
+                summary[k]["bytes_moved"] = moved
+                summary[k]["modelled_unfused_us"] = round(sum(r["modelled_unfused_us"] for r in rs), 2)
+    left = [{"layer": la.name, "reason": la.pw_note or "no fusable 1x1 conv after it"}
+            for la in layers if "fused" in kernels and not la.pw_out]
     return {
         "arch": arch, "device": a.device, "batch": layers[0].geometry.n if layers else 0,
         "dtype": str(dtype).replace("torch.", ""), "cuda_dir": str(cuda_dir()),
@@ -630,8 +692,22 @@ def kernel_report(layers: Sequence[DWLayer], arch: str = "sm_90", dtype: torch.d
                                    "smem_per_block_optin": a.smem_optin},
                         "model": "t = max(bytes_moved/copy_bw, staged/(SMs*warps*inflight/latency), "
                                  "warp_instr/(SMs*4*clock), MACs/peak, LDS wavefronts/(SMs*clock)) + launch floor"},
-        "layers": rows, "summary": summary,
+        "layers": rows, "summary": summary, "unfused_layers": left,
     }
+
+
+def _fused_fields(plan: KernelPlan, layer: DWLayer, arch: Arch) -> dict[str, Any]:
+    """A fused row's extras: the pair's bytes unfused (eager BN-folded; perfect epilogues), the modelled time
+    of the unfused pair (its bytes at copy bandwidth plus a launch floor per kernel: DW, [activation], 1x1,
+    [residual add]), and the tiling."""
+    kernels = 2 + (layer.act != "identity") + bool(layer.residual)
+    unfused = int(plan.extra["bytes_moved_unfused"])
+    return {"pw_out": layer.pw_out, "residual": bool(layer.residual), "act": layer.act,
+            "bytes_moved_unfused": unfused, "bytes_moved_layer": int(plan.extra["bytes_moved_layer"]),
+            "fused_over_unfused": round(plan.bytes_moved / unfused, 3),
+            "modelled_unfused_us": round((unfused / (arch.copy_tbps * 1e12) + kernels * LAUNCH_FLOOR_S) * 1e6, 3),
+            "dw_recompute": int(plan.extra["dw_recompute"]), "tile": list(plan.extra["tile"]),
+            "chunk": int(plan.extra["chunk"]), "out_block": int(plan.extra["out_block"])}
 
 
 def _progress(items: list, enabled: bool, desc: str):
@@ -671,6 +747,13 @@ def format_report(report: dict) -> str:
         lines.append(f"{k}: modelled {s['modelled_us']:.1f} us vs roofline {s['roofline_us']:.1f} us over "
                      f"{sum(r['kernel'] == k for r in report['layers'])} layers = {s['modelled_pct_copy_bw']:.1f}% of "
                      "copy bandwidth")
+        if k == "fused":
+            lines.append(f"fused pairs move {s['bytes_moved'] / 1e6:.1f} MB vs {s['bytes_moved_unfused'] / 1e6:.1f} MB "
+                         f"unfused (eager, BN folded) = {s['fused_over_unfused']:.3f} (goal <= 0.333); vs "
+                         f"{s['bytes_moved_layer'] / 1e6:.1f} MB with perfect epilogues = {s['fused_over_layer']:.3f}; "
+                         f"modelled {s['modelled_us']:.1f} us vs {s['modelled_unfused_us']:.1f} us unfused")
+    for la in report.get("unfused_layers", []):
+        lines.append(f"not fused: {la['layer']}: {la['reason']}")
     return "\n".join(lines)
 
 
@@ -683,7 +766,8 @@ def print_report(report: dict, out: Callable[[str], Any] = print) -> None:
 def save_layers(layers: Sequence[DWLayer], path: str | os.PathLike) -> None:
     """Write ``layers`` (geometries and keep masks) to a ``torch.save`` file, so another checkout's kernels
     can be reported on the same layers (``python -m deprune_plugin.kernels.report --layers PATH``)."""
-    torch.save([{"name": la.name, "geometry": asdict(la.geometry), "keep": la.keep.cpu()} for la in layers], path)
+    torch.save([{"name": la.name, "geometry": asdict(la.geometry), "keep": la.keep.cpu(), "pw_out": la.pw_out,
+                 "act": la.act, "residual": la.residual, "pw_note": la.pw_note} for la in layers], path)
 
 
 def load_layers(path: str | os.PathLike) -> list[DWLayer]:
@@ -693,7 +777,8 @@ def load_layers(path: str | os.PathLike) -> list[DWLayer]:
     for it in items:
         geo = dict(it["geometry"])
         geo["pad"] = tuple(geo["pad"])
-        out.append(DWLayer(it["name"], ConvGeometry(**geo), it["keep"].to(torch.bool)))
+        extra = {k: it[k] for k in ("pw_out", "act", "residual", "pw_note") if k in it}
+        out.append(DWLayer(it["name"], ConvGeometry(**geo), it["keep"].to(torch.bool), **extra))
     return out
 
 
