@@ -27,7 +27,7 @@ def _pruned(dtype=torch.float16):
 def test_kernels_are_chosen_checked_and_reported():
     m = _pruned()
     x = torch.randn(4, 3, 96, 96, device="cuda", dtype=torch.float16)
-    fast = accelerate(m, backend="cupy", example_inputs=x)
+    fast = accelerate(m, backend="cupy", example_inputs=x, config=AccelerateConfig(fuse_pairs=False))
     rep = fast.deprune_report
     assert rep.backend == "cupy" and len(rep.kernels) == 17, str(rep)
     assert all(k["name"] in {"dense", "direct", "dr"} and k["name"] in k["timings"] for k in rep.kernels.values())
@@ -39,7 +39,7 @@ def test_kernels_are_chosen_checked_and_reported():
 def test_choices_survive_the_state_dict():
     m = _pruned()
     x = torch.randn(2, 3, 96, 96, device="cuda", dtype=torch.float16)
-    fast = accelerate(m, backend="cupy", example_inputs=x)
+    fast = accelerate(m, backend="cupy", example_inputs=x, config=AccelerateConfig(fuse_pairs=False))
     other = accelerate(copy.deepcopy(m), backend="torch", example_inputs=x)  # no choices made
     for mod in other.modules():
         if isinstance(mod, FastDWConv):

@@ -74,7 +74,7 @@ class FusedDSConv(nn.Module):
         self.label = label
         self.choices: dict[tuple, str] = {}
         self._dispatcher: KernelDispatcher | None = None
-        self._pw_cast: dict[tuple, torch.Tensor] = {}  # the 1x1 weight as [C_out, C] per (dtype, device)
+        self._pw_cast: dict[tuple, tuple] = {}  # see _pw_operands
 
     def extra_repr(self) -> str:
         return f"pw {self.pw_weight.shape[1]} -> {self.pw_weight.shape[0]}"
@@ -85,13 +85,16 @@ class FusedDSConv(nn.Module):
         out = F.conv2d(y, self.pw_weight.to(y.dtype), self.pw_bias.to(y.dtype))
         return out if residual is None else out + residual
 
-    def _pw_matrix(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.dtype, x.device, self.pw_weight.data_ptr())
-        w = self._pw_cast.get(key)
-        if w is None:  # once per dtype and device (a .to() / load makes a new weight: a new key, the old dropped)
-            w = self.pw_weight.reshape(self.pw_weight.shape[0], -1).to(x.dtype).contiguous()
-            self._pw_cast = {key: w}
-        return w
+    def _pw_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 1x1 weight as ``[C_out, C]`` in ``x.dtype`` and its bias in fp32, made once per dtype and device
+        (a ``.to()`` or a load makes new buffers: a new key, the old copies dropped)."""
+        key = (x.dtype, x.device, self.pw_weight.data_ptr(), self.pw_bias.data_ptr())
+        ops = self._pw_cast.get(key)
+        if ops is None:
+            ops = (self.pw_weight.reshape(self.pw_weight.shape[0], -1).to(x.dtype).contiguous(),
+                   self.pw_bias.to(torch.float32).contiguous())
+            self._pw_cast = {key: ops}
+        return ops
 
     def run_fused(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The fused kernel (DW taps + bias + act, then the PW GEMM + bias (+ residual), in one pass)."""
@@ -101,7 +104,8 @@ class FusedDSConv(nn.Module):
         fmt = dw.formats()
         backend = "emu" if dw.backend == "emu" else "cupy"
         kw = {} if residual is None else {"residual": residual}  # stand-ins in tests take no residual
-        return kernels.dw_pw_fused(x, fmt["taps"], fmt["bias"], self._pw_matrix(x), self.pw_bias.float(),
+        pw_weight, pw_bias = self._pw_operands(x)
+        return kernels.dw_pw_fused(x, fmt["taps"], fmt["bias"], pw_weight, pw_bias,
                                    stride=dw.stride, padding=dw.pads(x), dilation=dw.dilation, act=dw.act,
                                    backend=backend, **kw)
 
