@@ -30,8 +30,13 @@
 //   DEPRUNE_KC              expanded channels per chunk (a multiple of 16)
 //   DEPRUNE_COB             output channels per CTA (a multiple of 8; (P/16) * (COB/8) a multiple of 8)
 //   DEPRUNE_FUSED_MMA       1: tensor cores where the target has them (sm_80+, 16-bit storage), 0: CUDA cores
+//   DEPRUNE_WALK            output tiles a CTA computes one below the other: the input rows two vertically
+//                           adjacent tiles share (the halo) are kept in shared memory for the next tile
+//                           (per chunk: a C-sized buffer after the fixed regions, sized by the launcher)
+//                           instead of being loaded again
 // Runtime: N, C, H, W, OH, OW, CO, PH, PW (top / left padding), act.
-// Entry point: deprune_dw_pw_fused; grid (tiles_h * tiles_w, ceil(CO / COB), N), block 256.
+// Entry point: deprune_dw_pw_fused; grid (tiles_w * ceil(tiles_h / WALK), ceil(CO / COB), N), block 256;
+// dynamic shared memory SMEM_BYTES + ceil(C / KC) * HALO_BYTES (the launcher's fused_smem_bytes).
 
 #ifndef DEPRUNE_SCALAR
 #define DEPRUNE_SCALAR __half
@@ -69,6 +74,9 @@
 #ifndef DEPRUNE_FUSED_MMA
 #define DEPRUNE_FUSED_MMA 1
 #endif
+#ifndef DEPRUNE_WALK
+#define DEPRUNE_WALK 1
+#endif
 
 #include "deprune_common.cuh"
 
@@ -84,7 +92,7 @@ namespace fu {
 constexpr int KH = DEPRUNE_KH, KW = DEPRUNE_KW, SH = DEPRUNE_SH, SW = DEPRUNE_SW;
 constexpr int DH = DEPRUNE_DH, DW = DEPRUNE_DW;
 constexpr int TILE_H = DEPRUNE_TILE_H, TILE_W = DEPRUNE_TILE_W, P = TILE_H * TILE_W;
-constexpr int KC = DEPRUNE_KC, COB = DEPRUNE_COB;
+constexpr int KC = DEPRUNE_KC, COB = DEPRUNE_COB, WALK = DEPRUNE_WALK;
 constexpr int THREADS = 256, WARPS = THREADS / 32;
 constexpr int KT = KH * KW, MASK_WORDS = (KT + 31) / 32;
 constexpr int IN_H = (TILE_H - 1) * SH + (KH - 1) * DH + 1;  // input window of the tile, halo included
@@ -97,6 +105,10 @@ constexpr int MT = P / 16, NT = COB / 8;  // m16 / n8 tiles of the CTA's output
 constexpr int TPW = MT * NT / WARPS;      // n8 tiles per warp (MMA path)
 constexpr int ACC = P * COB / THREADS;    // accumulators per thread (CUDA-core path)
 constexpr int INFLIGHT = 4;               // global loads a thread issues before its shared-memory stores
+// Input rows the next tile of a walk shares with this one (the window moves down TILE_H * SH rows).
+constexpr int OVERLAP = IN_H - TILE_H * SH > 0 ? IN_H - TILE_H * SH : 0;
+constexpr bool KEEP_HALO = WALK > 1 && OVERLAP > 0;
+constexpr int HALO_ITEMS = OVERLAP * IN_W * NVC;  // 16-byte vectors of one chunk's shared rows
 
 static_assert(P == 16 || P == 32 || P == 64 || P == 128, "P = TILE_H * TILE_W must be 16, 32, 64 or 128");
 static_assert(KC % 16 == 0 && KC >= 16, "DEPRUNE_KC must be a multiple of 16");
@@ -114,7 +126,8 @@ constexpr int IN_BYTES = align16(IN_H * IN_W * KC * static_cast<int>(sizeof(scal
 constexpr int A_BYTES = align16(P * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int B_BYTES = align16(COB * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int W_BYTES = KT * KC * 4;
-constexpr int SMEM_BYTES = IN_BYTES + A_BYTES + B_BYTES + W_BYTES + MASK_WORDS * KC * 4;
+constexpr int SMEM_BYTES = align16(IN_BYTES + A_BYTES + B_BYTES + W_BYTES + MASK_WORDS * KC * 4);
+constexpr int HALO_BYTES = KEEP_HALO ? HALO_ITEMS * 16 : 0;  // per chunk, after SMEM_BYTES
 
 // ---- 16-byte vectors ----------------------------------------------------------------------------
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -234,13 +247,11 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
     using namespace fu;
     (void)N;
     const int tiles_w = (OW + TILE_W - 1) / TILE_W;
-    const int tile_y = static_cast<int>(blockIdx.x) / tiles_w;
-    const int oy0 = tile_y * TILE_H;
-    const int ox0 = (static_cast<int>(blockIdx.x) - tile_y * tiles_w) * TILE_W;
+    const int walk = static_cast<int>(blockIdx.x) / tiles_w;  // this CTA's WALK tiles, top to bottom
+    const int ox0 = (static_cast<int>(blockIdx.x) - walk * tiles_w) * TILE_W;
     const int co0 = blockIdx.y * COB;
     const int n = blockIdx.z;
-    const int iy0 = oy0 * SH - PH;  // origin of the input window; may be negative (zero padding)
-    const int ix0 = ox0 * SW - PW;
+    const int ix0 = ox0 * SW - PW;  // origin of the input window; may be negative (zero padding)
     const int tid = threadIdx.x;
     const int warp = tid / 32, lane = tid % 32;
 
@@ -250,6 +261,7 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
     scalar_t* s_b = reinterpret_cast<scalar_t*>(smem + IN_BYTES + A_BYTES);
     float* s_w = reinterpret_cast<float*>(smem + IN_BYTES + A_BYTES + B_BYTES);
     unsigned int* s_mask = reinterpret_cast<unsigned int*>(smem + IN_BYTES + A_BYTES + B_BYTES + W_BYTES);
+    vec16* s_halo = reinterpret_cast<vec16*>(smem + SMEM_BYTES);  // [ceil(C / KC)][HALO_ITEMS] when KEEP_HALO
 
     const scalar_t* xn = x + static_cast<long long>(n) * H * W * C;
 
@@ -257,6 +269,13 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
     // Warp w owns m16 tile w % MT (constant: MT divides WARPS) and n8 tiles (w + WARPS * j) / MT.
     const int group = lane >> 2, tig = lane & 3;
     const int mrow = (warp % MT) * 16;
+#endif
+#pragma unroll 1
+    for (int step = 0; step < WALK; ++step) {
+    const int oy0 = (walk * WALK + step) * TILE_H;
+    if (oy0 >= OH) break;  // CTA-uniform: every thread leaves together
+    const int iy0 = oy0 * SH - PH;
+#if FU_USE_MMA
     float acc[TPW][4];
 #pragma unroll
     for (int j = 0; j < TPW; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -268,6 +287,7 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
 #endif
 
     for (int c0 = 0; c0 < C; c0 += KC) {
+        vec16* halo = s_halo + (c0 / KC) * HALO_ITEMS;
         // (1) Stage. Taps: zeroed, then one thread per channel fills its column from the CSR.
         for (int e = tid; e < KT * KC; e += THREADS) s_w[e] = 0.0f;
         for (int e = tid; e < MASK_WORDS * KC; e += THREADS) s_mask[e] = 0u;
@@ -294,7 +314,9 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
                     const int iy = iy0 + ly, ix = ix0 + pix - ly * IN_W;
                     const int c = c0 + (e - pix * NVC) * VEC;
                     v[b] = zero_vec();
-                    if (e < ITEMS && c < C && iy >= 0 && iy < H && ix >= 0 && ix < W)
+                    if (KEEP_HALO && step > 0 && e < HALO_ITEMS)
+                        v[b] = halo[e];  // rows the previous tile of the walk staged last
+                    else if (e < ITEMS && c < C && iy >= 0 && iy < H && ix >= 0 && ix < W)
                         v[b] = *reinterpret_cast<const vec16*>(xn + (static_cast<long long>(iy) * W + ix) * C + c);
                 }
 #pragma unroll
@@ -319,6 +341,12 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
             }
         }
         __syncthreads();
+        // The bottom OVERLAP rows are the next tile's top rows: kept for it (every read of this chunk's halo
+        // buffer happened before the barrier above; the next read is the next tile's staging).
+        if (KEEP_HALO && step + 1 < WALK) {
+            const vec16* tail = reinterpret_cast<const vec16*>(s_in) + (IN_H - OVERLAP) * IN_W * NVC;
+            for (int e = tid; e < HALO_ITEMS; e += THREADS) halo[e] = tail[e];
+        }
 
         // (2) DW: item = (pixel p, vector v); the vector's kept taps only. Not unrolled: the trip count is a
         // constant, and unrolled items keep several vectors' taps in flight (register spills at KC = 64).
@@ -437,4 +465,5 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
         }
     }
 #endif
+    }  // the walk
 }

@@ -15,6 +15,7 @@ import importlib
 import os
 import random
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -275,3 +276,54 @@ def test_fuzz_sample():
 @pytest.mark.fuzz
 def test_fuzz():
     _fuzz(FUZZ_SHAPES)
+
+
+# ---- walks: several tiles per CTA, the shared input rows kept in shared memory ----------------------
+
+def _force_walk(monkeypatch, walk: int) -> None:
+    """Make the launcher use ``walk`` tiles per CTA (the planner's tile, chunk and output block otherwise; the
+    halo buffer may then need more than the default 48 KB: the emulated device opts in to 100 KB)."""
+    real = fused_mod.dw_pw_fused_plan
+    monkeypatch.setenv("DEPRUNE_EMU_SMEM_OPTIN", str(100 * 1024))
+
+    def plan(g, co, dtype, **kw):
+        p = real(g, co, dtype, **kw)
+        th, tw = p.extra["tile"]
+        defines = {**p.defines, "DEPRUNE_WALK": walk}
+        smem = fused_mod.fused_smem_bytes(g, torch.empty((), dtype=dtype).element_size(), th, tw,
+                                          p.extra["chunk"], p.extra["out_block"], walk)
+        grid = (-(-g.oh // (th * walk)) * -(-g.ow // tw), p.grid[1], p.grid[2])
+        return replace(p, defines=defines, smem_bytes=smem, grid=grid)
+    monkeypatch.setattr(fused_mod, "dw_pw_fused_plan", plan)
+
+
+@pytest.mark.parametrize("walk", [2, 3, 8])
+@pytest.mark.parametrize("k, stride", [(3, 1), (3, 2), (5, 1)])
+def test_a_walk_over_tiles_gives_the_same_result(monkeypatch, walk, k, stride):
+    """Tall maps (more tile rows than the walk, and a last walk cut short) through 2-8 tiles per CTA."""
+    _force_walk(monkeypatch, walk)
+    check(make(1, 72, 24, 37, 9, k, stride=stride, residual=stride == 1, act="silu"))
+
+
+def test_planner_walks_on_large_stride1_maps():
+    plan = fused_mod.dw_pw_fused_plan(_mbv2(144, 56, 1, 12), 12, torch.float16, residual=True)
+    assert plan.extra["walk"] > 1 and plan.defines["DEPRUNE_WALK"] == plan.extra["walk"]
+    th, tw = plan.extra["tile"]
+    assert plan.grid[0] == -(-56 // (th * plan.extra["walk"])) * -(-56 // tw)
+    assert plan.staged_over_unique < 1.2  # vs ~1.34 for single 8x16 tiles
+
+
+@pytest.mark.parametrize("why, old, new", [
+    ("halo rows not kept", "for (int e = tid; e < HALO_ITEMS; e += THREADS) halo[e] = tail[e];", ""),
+    ("halo kept from the wrong rows", "(IN_H - OVERLAP) * IN_W * NVC;", "(IN_H - OVERLAP - 1) * IN_W * NVC;"),
+])
+def test_walk_mutation_is_caught(tmp_path, monkeypatch, why, old, new):
+    source = (cuda_dir() / "dw_pw_fused.cu").read_text()
+    assert source.count(old) == 1, f"mutation {why!r} no longer matches the kernel"
+    mutated = tmp_path / "cuda"
+    shutil.copytree(cuda_dir(), mutated)
+    (mutated / "dw_pw_fused.cu").write_text(source.replace(old, new))
+    monkeypatch.setenv("DEPRUNE_CUDA_DIR", str(mutated))
+    _force_walk(monkeypatch, 4)
+    t = make(1, 32, 16, 33, 8, 3, residual=True)
+    assert not torch.allclose(run(t).float(), reference(t).to(torch.float16).float(), rtol=2e-2, atol=2e-2), why

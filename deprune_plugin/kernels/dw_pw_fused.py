@@ -37,22 +37,31 @@ _MAX_ACC = 40                      # fp32 accumulators per thread: 40 fit 128 re
 _PARALLEL_CTAS = 264               # 2 CTAs per SM on a 132-SM H100: fewer leave SMs idle (soft penalty)
 _L2_WEIGHT = 0.25                  # per-CTA weight reads mostly hit L2: counted at a quarter of DRAM cost
 _CHUNK_COST = 2048                 # bytes-equivalent of one chunk iteration's three barriers and set-up
+_WALKS = (2, 4, 8)                 # tiles per CTA, one below the other, sharing their halo rows
 
 
 def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def fused_smem_bytes(g: ConvGeometry, elem: int, tile_h: int, tile_w: int, kc: int, cob: int) -> int:
-    """Dynamic shared memory of one CTA (the kernel's ``SMEM_BYTES``): input tile with halo ``[KC]`` per pixel,
-    the A (DW result) and B (1x1 weights) tiles with rows of ``KC + 8`` elements, fp32 taps and keep bits."""
+def _overlap(g: ConvGeometry, tile_h: int) -> int:
+    """Input rows two vertically adjacent tiles share (the kernel's ``OVERLAP``)."""
+    return max(0, g.input_window(tile_h, 1)[0] - tile_h * g.sh)
+
+
+def fused_smem_bytes(g: ConvGeometry, elem: int, tile_h: int, tile_w: int, kc: int, cob: int, walk: int = 1) -> int:
+    """Dynamic shared memory of one CTA: the kernel's fixed ``SMEM_BYTES`` (input tile with halo, ``KC`` channels
+    per pixel; the A (DW result) and B (1x1 weights) tiles with rows of ``KC + 8`` elements; fp32 taps and keep
+    bits) and, for a walk over several tiles, the shared rows of every chunk (``ceil(C / KC) * HALO_BYTES``)."""
     in_h, in_w = g.input_window(tile_h, tile_w)
     kt = g.kh * g.kw
 
     def a16(b: int) -> int:
         return -(-b // 16) * 16
-    return (a16(in_h * in_w * kc * elem) + a16(tile_h * tile_w * (kc + 8) * elem) + a16(cob * (kc + 8) * elem)
-            + 4 * kt * kc + 4 * (-(-kt // 32)) * kc)
+    fixed = a16(a16(in_h * in_w * kc * elem) + a16(tile_h * tile_w * (kc + 8) * elem) + a16(cob * (kc + 8) * elem)
+                + 4 * kt * kc + 4 * (-(-kt // 32)) * kc)
+    halo = _overlap(g, tile_h) * in_w * kc * elem if walk > 1 else 0
+    return fixed + -(-g.c // kc) * halo
 
 
 def _cob_options(p: int, co: int) -> list[int]:
@@ -71,32 +80,36 @@ def _cob_options(p: int, co: int) -> list[int]:
 
 
 def _candidates(g: ConvGeometry, co: int, elem: int, limit: int) -> list[tuple]:
-    """``(cost, tile_h, tile_w, kc, cob, smem, ctas, staged elements)`` of every plan within ``limit`` bytes of
-    shared memory. Cost (bytes): staged input (halos and the recompute of one DW tile per block of output
-    channels included) + per-CTA 1x1 weight reads at L2 weight + a per-chunk overhead + the idle MMA slots of
-    partial tiles (a sixteenth of their bytes), scaled up when the grid is too small to fill the GPU."""
+    """``(cost, tile_h, tile_w, kc, cob, walk, smem, ctas, staged elements)`` of every plan within ``limit`` bytes
+    of shared memory. Cost (bytes): staged input (halos, minus the rows a walk keeps, and the recompute of one
+    DW tile per block of output channels included) + per-tile 1x1 weight reads at L2 weight + a per-chunk
+    overhead + the idle MMA slots of partial tiles (a sixteenth of their bytes), scaled up when the grid is too
+    small to fill the GPU."""
     c16 = -(-g.c // 16) * 16
     out = []
     for th, tw in _PIXEL_TILES:
         p = th * tw
-        rows = _covered(g.oh, th, g.sh, g.kh, g.dh, g.pad[0], g.h)
         cols = _covered(g.ow, tw, g.sw, g.kw, g.dw, g.pad[2], g.w)
-        tiles = -(-g.oh // th) * -(-g.ow // tw)
-        for kc in _CHUNKS:
-            if kc > max(c16, 16):
-                break
-            for cob in _cob_options(p, co):
-                smem = fused_smem_bytes(g, elem, th, tw, kc, cob)
-                if smem > limit:
-                    continue
-                blocks = -(-co // cob)
-                ctas = tiles * blocks * g.n
-                staged = blocks * g.n * g.c * rows * cols
-                slots = ctas * p * cob
-                cost = (staged * elem + _L2_WEIGHT * ctas * cob * g.c * elem + ctas * -(-g.c // kc) * _CHUNK_COST
-                        + elem * (slots - g.n * g.oh * g.ow * co) / 16)
-                cost *= 1.0 + 0.5 * max(0.0, 1.0 - ctas / _PARALLEL_CTAS)
-                out.append((cost, th, tw, kc, cob, smem, ctas, staged))
+        tiles_h, tiles_w = -(-g.oh // th), -(-g.ow // tw)
+        walks = [1] + ([w for w in _WALKS if w < 2 * tiles_h] if _overlap(g, th) else [])
+        for walk in walks:
+            rows = _covered(g.oh, th * walk, g.sh, g.kh, g.dh, g.pad[0], g.h)  # a walk loads its window once
+            for kc in _CHUNKS:
+                if kc > max(c16, 16):
+                    break
+                for cob in _cob_options(p, co):
+                    smem = fused_smem_bytes(g, elem, th, tw, kc, cob, walk)
+                    if smem > limit:
+                        continue
+                    blocks = -(-co // cob)
+                    ctas = tiles_w * -(-tiles_h // walk) * blocks * g.n
+                    tiles = tiles_w * tiles_h * blocks * g.n
+                    staged = blocks * g.n * g.c * rows * cols
+                    slots = tiles * p * cob
+                    cost = (staged * elem + _L2_WEIGHT * tiles * cob * g.c * elem + tiles * -(-g.c // kc) * _CHUNK_COST
+                            + elem * (slots - g.n * g.oh * g.ow * co) / 16)
+                    cost *= 1.0 + 0.5 * max(0.0, 1.0 - ctas / _PARALLEL_CTAS)
+                    out.append((cost, th, tw, kc, cob, walk, smem, ctas, staged))
     return out
 
 
@@ -123,14 +136,15 @@ def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bo
     if not cands:
         raise ValueError(f"a fused {g.kh}x{g.kw} stride {(g.sh, g.sw)} pair with {co} outputs needs more shared "
                          f"memory than the {smem_limit} bytes the device allows")
-    _, th, tw, kc, cob, smem, _, staged = min(cands)
-    grid = (-(-g.oh // th) * -(-g.ow // tw), -(-co // cob), g.n)
+    _, th, tw, kc, cob, walk, smem, _, staged = min(cands)
+    grid = (-(-g.oh // (th * walk)) * -(-g.ow // tw), -(-co // cob), g.n)
     if grid[1] > MAX_GRID_YZ:
         raise ValueError(f"{co} output channels exceed the launch grid limit ({MAX_GRID_YZ} CTAs along y)")
     tensor_cores = bool(mma and elem == 2)
     defines = {"DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_KH": g.kh, "DEPRUNE_KW": g.kw, "DEPRUNE_SH": g.sh,
                "DEPRUNE_SW": g.sw, "DEPRUNE_DH": g.dh, "DEPRUNE_DW": g.dw, "DEPRUNE_TILE_H": th,
-               "DEPRUNE_TILE_W": tw, "DEPRUNE_KC": kc, "DEPRUNE_COB": cob, "DEPRUNE_FUSED_MMA": int(tensor_cores)}
+               "DEPRUNE_TILE_W": tw, "DEPRUNE_KC": kc, "DEPRUNE_COB": cob, "DEPRUNE_FUSED_MMA": int(tensor_cores),
+               "DEPRUNE_WALK": walk}
     out = g.n * co * g.oh * g.ow * elem
     weights = 4 * (g.c + 1) + 8 * taps + 4 * g.c + co * g.c * elem + 4 * co
     moved = staged * elem + weights + out + (out if residual else 0)
@@ -139,7 +153,7 @@ def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bo
         kernel="fused", source=SOURCE, entry=ENTRY, defines=defines, grid=grid, block=(THREADS, 1, 1),
         smem_bytes=smem, staged_bytes=staged * elem, unique_bytes=g.n * g.c * g.h * g.w * elem, bytes_moved=moved,
         tensor_cores=tensor_cores,
-        extra={"tile": (th, tw), "chunk": kc, "out_block": cob, "out_channels": co, "residual": residual,
+        extra={"tile": (th, tw), "walk": walk, "chunk": kc, "out_block": cob, "out_channels": co, "residual": residual,
                "dw_recompute": grid[1], "bytes_moved_unfused": eager, "bytes_moved_layer": layer,
                "pw_macs": g.n * g.oh * g.ow * g.c * co})
 
