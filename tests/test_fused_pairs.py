@@ -156,3 +156,42 @@ def test_the_real_fused_kernel_in_emulation_runs_every_pair_of_a_pruned_mobilene
     for pair in pairs:
         (choice,) = pair.dispatcher().cache.values()
         assert not choice.dropped and set(choice.timings) == {"unfused", "fused"}, pair.label
+
+
+def test_the_fused_launch_is_planned_once_per_signature(monkeypatch):
+    """After the first fused call of a signature (x's and the residual's), a call runs the captured launch:
+    the launcher is not called again, and the result is the launcher's."""
+    from deprune_plugin.kernels import emulation_available
+    if not emulation_available()[0]:
+        pytest.skip("host emulation unavailable")
+    m, fast, x = _accelerated()
+    edits, _ = plan_pair_edits(fast, x)
+    for e in edits:
+        e.apply(fast)
+    for e in plan_residual_edits(fast, x):
+        e.apply(fast)
+    _use_kernels(fast)
+    block = fast.blocks[2][1]
+    pair = block.pair
+    pair.choices = {}
+    pair._dispatcher = KernelDispatcher({"fused": lambda t, mod, r=None: mod.run_fused(t, r)})  # fused only
+    calls = []
+    real = kernels_pkg.dw_pw_fused
+    monkeypatch.setattr(kernels_pkg, "dw_pw_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seen = []
+    handle = block.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        fast(x)  # the pair's first call of this signature: the launcher runs, its launch is planned
+    handle.remove()
+    n_first = len(calls)
+    inp = block.chain(seen[0])
+    res = torch.randn(1, pair.pw_weight.shape[0], *inp.shape[2:]).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        first = pair(inp, res)
+        again = pair(inp, res)
+        other = pair(inp, 2 * res)  # same signature, another residual: the plan takes it per call
+    assert n_first >= 1 and len(calls) == n_first  # no launcher call after the first
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(other - first, res, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first, pair.unfused(inp, res), rtol=1e-4, atol=1e-4)
+    assert len(pair._calls) == 1

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.dispatch import KernelDispatcher, dispatch_key
+from ..kernels.planned import plan_call, plan_key
 from .convert import Edit, ReportEntry
 from .fold import Trace, trace_calls
 from .modules import DISPATCHER_LOCK, FastDWConv
@@ -75,6 +76,7 @@ class FusedDSConv(nn.Module):
         self.choices: dict[tuple, str] = {}
         self._dispatcher: KernelDispatcher | None = None
         self._pw_cast: dict[tuple, tuple] = {}  # see _pw_operands
+        self._calls: dict[tuple, Any] = {}  # (plan key of x, of the residual) -> the fused launch, planned
 
     def extra_repr(self) -> str:
         return f"pw {self.pw_weight.shape[1]} -> {self.pw_weight.shape[0]}"
@@ -125,12 +127,33 @@ class FusedDSConv(nn.Module):
         name = self.choices.get(key)
         if name is None:
             name = self.choices[key] = self.dispatcher().select(x, self, residual).name
-        return self.unfused(x, residual) if name == "unfused" else self.run_fused(x, residual)
+        if name == "unfused":
+            return self.unfused(x, residual)
+        # The fused launch is planned once per signature (x's and the residual's): later calls allocate the
+        # output, write the pointers and launch (deprune_plugin.kernels.planned), no argument checks or planning.
+        call_key = (plan_key(x), None if residual is None else plan_key(residual))
+        call = self._calls.get(call_key)
+        extra = () if residual is None else (residual,)
+        if call is not None:
+            return call(x, *extra)
+        plan, y, _ = plan_call(lambda t: self.run_fused(t, residual), x, self._kernel_tensors(x), extra)
+        self._calls[call_key] = plan if plan is not None else (lambda t, *r: self.run_fused(t, *r))
+        return y
+
+    def _kernel_tensors(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        fmt = self.dw.formats()
+        taps = fmt["taps"]
+        return [taps.tap_ptr, taps.tap_idx, taps.tap_val, fmt["bias"], *self._pw_operands(x)]
+
+    def _apply(self, fn, recurse=True):
+        self._calls, self._pw_cast = {}, {}  # new buffers (a move, a cast): new pointers to plan for
+        return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_dispatcher"] = None
         state["_pw_cast"] = {}
+        state["_calls"] = {}
         return state
 
 

@@ -51,6 +51,8 @@ class PlannedCall:
         x, y: the input it was captured with and the output the launcher allocated.
         keep_alive: tensors whose pointers the launch may hold besides ``x`` and ``y`` (the plan holds
             references to them).
+        extra: further per-call inputs (e.g. a residual added in the epilogue), passed to every call after
+            ``x`` in this order, with the signature they were captured with.
 
     Raises:
         ValueError: when the launch holds a pointer that is neither ``x``, ``y`` nor a ``keep_alive`` tensor
@@ -61,13 +63,15 @@ class PlannedCall:
     """
 
     __slots__ = ("backend", "entry", "src", "grid", "block", "smem", "device", "_x_slot", "_y_slot", "_args",
-                 "_size", "_stride", "_dtype", "_keep", "_kernel", "_index", "_packed")
+                 "_size", "_stride", "_dtype", "_keep", "_kernel", "_index", "_packed", "_extra_slots")
 
     def __init__(self, launch: CapturedLaunch, x: torch.Tensor, y: torch.Tensor,
-                 keep_alive: Sequence[torch.Tensor | None]) -> None:
+                 keep_alive: Sequence[torch.Tensor | None], extra: Sequence[torch.Tensor] = ()) -> None:
         keep = [t for t in keep_alive if t is not None]
         known = {int(t.data_ptr()) for t in keep} | {0}
         xp, yp = int(x.data_ptr()), int(y.data_ptr())
+        wanted = [int(t.data_ptr()) for t in extra]
+        extra_slots: list[int | None] = [None] * len(extra)
         x_slot = y_slot = None
         for i, a in enumerate(launch.args):
             if a.kind != "ptr":
@@ -76,12 +80,15 @@ class PlannedCall:
                 x_slot = i
             elif a.value == yp and y_slot is None:
                 y_slot = i
+            elif a.value in wanted and extra_slots[wanted.index(a.value)] is None:
+                extra_slots[wanted.index(a.value)] = i
             elif a.value not in known:
                 raise ValueError(f"argument {i} of {launch.entry} points at a tensor the plan cannot keep alive "
                                  "(a temporary of the launcher)")
-        if x_slot is None or y_slot is None:
-            raise ValueError(f"{launch.entry} was not launched on the input and output themselves (the launcher "
-                             "copied the input)")
+        if x_slot is None or y_slot is None or None in extra_slots:
+            raise ValueError(f"{launch.entry} was not launched on the inputs and output themselves (the launcher "
+                             "copied an input)")
+        self._extra_slots = tuple(extra_slots)
         self.backend, self.entry, self.src = launch.backend, launch.entry, launch.src
         self.grid, self.block, self.smem, self.device = launch.grid, launch.block, launch.smem, launch.device
         self._x_slot, self._y_slot = x_slot, y_slot
@@ -113,7 +120,7 @@ class PlannedCall:
         self._packed = [conv[a.kind](a.value) for a in self._args]
         self._kernel, self._index = kernel, index
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *extra: torch.Tensor) -> torch.Tensor:
         y = torch.empty_strided(self._size, self._stride, dtype=self._dtype, device=x.device)
         if self._kernel is not None:
             import numpy as np  # already imported by _prepare_cupy; a sys.modules lookup here
@@ -121,6 +128,8 @@ class PlannedCall:
             args = self._packed.copy()
             args[self._x_slot] = np.uint64(x.data_ptr())
             args[self._y_slot] = np.uint64(y.data_ptr())
+            for slot, t in zip(self._extra_slots, extra):
+                args[slot] = np.uint64(t.data_ptr())
             cupy = cupy_launch._import_cupy()
             with cupy.cuda.Device(self._index), cupy_launch._external_stream(self._index):
                 self._kernel(self.grid, self.block, tuple(args), shared_mem=self.smem)
@@ -128,6 +137,8 @@ class PlannedCall:
         args = self._args.copy()
         args[self._x_slot] = KernelArg("ptr", x.data_ptr())
         args[self._y_slot] = KernelArg("ptr", y.data_ptr())
+        for slot, t in zip(self._extra_slots, extra):
+            args[slot] = KernelArg("ptr", t.data_ptr())
         emulation.launch(self.src, self.entry, self.grid, self.block, self.smem, args)  # read per call: stubbable
         return y
 
@@ -137,8 +148,10 @@ class PlannedCall:
 
 
 def plan_call(launcher: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-              keep_alive: Sequence[torch.Tensor | None]) -> tuple[PlannedCall | None, torch.Tensor, str]:
-    """Run ``launcher(x)`` once with its launch captured, and return ``(plan, y, reason)``.
+              keep_alive: Sequence[torch.Tensor | None], extra: Sequence[torch.Tensor] = ()
+              ) -> tuple[PlannedCall | None, torch.Tensor, str]:
+    """Run ``launcher(x)`` once with its launch captured, and return ``(plan, y, reason)``. ``extra``: further
+    inputs ``launcher`` passes to the kernel (the plan takes them per call, see :class:`PlannedCall`).
 
     ``y`` is ``launcher(x)``'s result, computed: the captured launch is run for real here. ``plan`` is the
     :class:`PlannedCall` to reuse for inputs of ``x``'s :func:`plan_key`, or None (then ``reason`` says why
@@ -152,7 +165,7 @@ def plan_call(launcher: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
         return None, launcher(x), f"the launcher made {len(launches)} launches"
     launch = launches[0]
     try:
-        plan = PlannedCall(launch, x, y, keep_alive)
+        plan = PlannedCall(launch, x, y, keep_alive, extra)
     except ValueError as e:
         return None, launcher(x), str(e)  # temporaries of the capture are gone: run it again, for real
     run_kernel(launch.backend, launch.src, launch.entry, launch.grid, launch.block, launch.smem, launch.args,
