@@ -5,8 +5,10 @@
 //   y[n, p, o]  = pw_bias[o] + sum_c d[n, p, c] * pw_w[o, c]  (+ res[n, p, o])
 //
 // x, y and res are channels_last (NHWC); pw_w is [CO, C] row-major in the storage type; the biases fp32.
-// taps(c) is the CSR slice tap_ptr[c] .. tap_ptr[c+1] of (tap_idx = i*KW + j, tap_val) pairs, as for
-// dw_direct.cu. Accumulation is fp32 throughout; the DW result is rounded to the storage type once (where
+// The kept taps come as two tables the launcher builds once per weight (deprune_plugin/kernels/dw_pw_fused.py:
+// fused_tap_tables): tap_w[KT][C] fp32 (the BN-folded weight, 0 where pruned; tap t = i*KW + j) and
+// vec_keep[MASK_WORDS][C / VEC] (bit t: some channel of the 16-byte vector keeps tap t), so a chunk's taps
+// are staged with the same coalesced loads as its input. Accumulation is fp32 throughout; the DW result is rounded to the storage type once (where
 // the unfused pair writes it to memory), so the fused and the unfused pair round alike.
 //
 // One CTA = a TILE_H x TILE_W tile of output pixels (P = TILE_H * TILE_W, 16 .. 128) of one image x a block
@@ -120,13 +122,13 @@ static_assert(sizeof(scalar_t) == 2, "the tensor-core path takes fp16 or bf16 st
 #endif
 
 // Shared memory (bytes, each region 16-byte aligned): s_in[IN_H*IN_W][KC] | s_a[P][AS] | s_b[COB][AS] storage,
-// s_w[KT][KC] fp32 | s_mask[MASK_WORDS][KC] u32.
+// s_w[KT][KC] fp32 | s_mask[MASK_WORDS][NVC] u32 (the chunk's vectors' keep bits).
 __host__ __device__ constexpr int align16(int b) { return (b + 15) / 16 * 16; }
 constexpr int IN_BYTES = align16(IN_H * IN_W * KC * static_cast<int>(sizeof(scalar_t)));
 constexpr int A_BYTES = align16(P * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int B_BYTES = align16(COB * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int W_BYTES = KT * KC * 4;
-constexpr int SMEM_BYTES = align16(IN_BYTES + A_BYTES + B_BYTES + W_BYTES + MASK_WORDS * KC * 4);
+constexpr int SMEM_BYTES = align16(IN_BYTES + A_BYTES + B_BYTES + W_BYTES + MASK_WORDS * NVC * 4);
 constexpr int HALO_BYTES = KEEP_HALO ? HALO_ITEMS * 16 : 0;  // per chunk, after SMEM_BYTES
 
 // ---- 16-byte vectors ----------------------------------------------------------------------------
@@ -234,9 +236,8 @@ __device__ __forceinline__ void mma(float (&)[4], const unsigned int (&)[4], con
 extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_fused(
     const scalar_t* __restrict__ x,        // [N, H, W, C]
     scalar_t* __restrict__ y,              // [N, OH, OW, CO]
-    const int* __restrict__ tap_ptr,       // [C + 1]
-    const int* __restrict__ tap_idx,       // [nnz], i * KW + j
-    const float* __restrict__ tap_val,     // [nnz]
+    const float* __restrict__ tap_w,       // [KT, C]
+    const unsigned int* __restrict__ vec_keep,  // [MASK_WORDS, C / VEC]
     const float* __restrict__ dw_bias,     // [C] or nullptr
     const scalar_t* __restrict__ pw_w,     // [CO, C]
     const float* __restrict__ pw_bias,     // [CO] or nullptr
@@ -288,9 +289,15 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
 
     for (int c0 = 0; c0 < C; c0 += KC) {
         vec16* halo = s_halo + (c0 / KC) * HALO_ITEMS;
-        // (1) Stage. Taps: zeroed, then one thread per channel fills its column from the CSR.
-        for (int e = tid; e < KT * KC; e += THREADS) s_w[e] = 0.0f;
-        for (int e = tid; e < MASK_WORDS * KC; e += THREADS) s_mask[e] = 0u;
+        // (1) Stage the chunk's taps (zeros past C), its 1x1 weights and its input tile, all loads independent.
+        for (int e = tid; e < KT * KC; e += THREADS) {
+            const int t = e / KC, c = c0 + e - t * KC;
+            s_w[e] = c < C ? tap_w[static_cast<long long>(t) * C + c] : 0.0f;
+        }
+        for (int e = tid; e < MASK_WORDS * NVC; e += THREADS) {
+            const int w = e / NVC, cv = c0 / VEC + e - w * NVC;
+            s_mask[e] = cv < C / VEC ? vec_keep[w * (C / VEC) + cv] : 0u;
+        }
         // PW weights of the chunk, [COB][KC] (zeros past CO and C).
         for (int e = tid; e < COB * NVC; e += THREADS) {
             const int o = e / NVC, v = e - o * NVC;
@@ -326,20 +333,6 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
                 }
             }
         }
-        __syncthreads();  // s_w / s_mask zeroed (and the previous chunk's GEMM done with s_a)
-        for (int ch = tid; ch < KC; ch += THREADS) {
-            const int c = c0 + ch;
-            if (c < C) {
-                const int t0 = tap_ptr[c];
-                const int t1 = t0 + min(tap_ptr[c + 1] - t0, KT);
-                for (int t = t0; t < t1; ++t) {
-                    const int k = tap_idx[t];
-                    if (k < 0 || k >= KT) continue;  // corrupt index: contributes nothing
-                    s_w[k * KC + ch] = tap_val[t];
-                    s_mask[(k >> 5) * KC + ch] |= 1u << (k & 31);
-                }
-            }
-        }
         __syncthreads();
         // The bottom OVERLAP rows are the next tile's top rows: kept for it (every read of this chunk's halo
         // buffer happened before the barrier above; the next read is the next tile's staging).
@@ -356,12 +349,7 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
             const int py = p / TILE_W, px = p - py * TILE_W;
             unsigned int keep[MASK_WORDS];
 #pragma unroll
-            for (int w = 0; w < MASK_WORDS; ++w) {
-                unsigned int m = 0u;
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) m |= s_mask[w * KC + v * VEC + e];
-                keep[w] = m;
-            }
+            for (int w = 0; w < MASK_WORDS; ++w) keep[w] = s_mask[w * NVC + v];
             float a[VEC];
 #pragma unroll
             for (int e = 0; e < VEC; ++e) a[e] = 0.0f;

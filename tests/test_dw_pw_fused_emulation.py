@@ -327,3 +327,40 @@ def test_walk_mutation_is_caught(tmp_path, monkeypatch, why, old, new):
     _force_walk(monkeypatch, 4)
     t = make(1, 32, 16, 33, 8, 3, residual=True)
     assert not torch.allclose(run(t).float(), reference(t).to(torch.float16).float(), rtol=2e-2, atol=2e-2), why
+
+
+# ---- the tap tables ---------------------------------------------------------------------------------
+
+def test_tap_tables_by_hand():
+    """8 channels of a 3x3 weight: channel c keeps tap c (and channel 0 also tap 8); with 4-channel vectors
+    vector 0 keeps taps {0, 1, 2, 3, 8}, vector 1 taps {4, 5, 6, 7}."""
+    weight = torch.arange(1, 73, dtype=torch.float32).reshape(8, 1, 3, 3)
+    keep = torch.zeros(8, 1, 3, 3, dtype=torch.bool)
+    for c in range(8):
+        keep.view(8, 9)[c, c] = True
+    keep.view(8, 9)[0, 8] = True
+    taps = CompactTaps.from_dense(weight, keep)
+    tap_w, vec_keep = fused_mod.fused_tap_tables(taps, 4)
+    assert tap_w.shape == (9, 8) and tap_w.dtype == torch.float32
+    assert tap_w[0, 0] == 1 and tap_w[8, 0] == 9 and tap_w[3, 3] == 3 * 9 + 4 and tap_w[1, 0] == 0
+    assert int((tap_w != 0).sum()) == 9
+    assert vec_keep.tolist() == [[0b100001111, 0b11110000]]
+    assert fused_mod.fused_tap_tables(taps, 8)[1].tolist() == [[0b111111111]]
+
+
+def test_tap_tables_are_cached_and_rebuilt_after_an_in_place_change():
+    taps = CompactTaps.from_dense(torch.randn(16, 1, 5, 5))
+    first = fused_mod.fused_tap_tables(taps, 8)
+    assert fused_mod.fused_tap_tables(taps, 8)[0] is first[0]  # same tensors: a planned launch may hold them
+    taps.tap_val.mul_(2)
+    again = fused_mod.fused_tap_tables(taps, 8)
+    assert again[0] is not first[0] and torch.equal(again[0], 2 * first[0])
+
+
+def test_taps_past_bit_31_and_windows_over_32_taps():
+    """A 7x7 window: 49 taps in two mask words, bit 31 set (an int32 sign bit) and tap 48 in word 1."""
+    keep = torch.zeros(8, 1, 7, 7, dtype=torch.bool)
+    keep.view(8, 49)[0, 31] = keep.view(8, 49)[1, 48] = True
+    _, vec_keep = fused_mod.fused_tap_tables(CompactTaps.from_dense(torch.ones(8, 1, 7, 7), keep), 8)
+    assert vec_keep.shape == (2, 1) and vec_keep[0, 0].item() == -(2**31) and vec_keep[1, 0].item() == 1 << 16
+    check(make(1, 8, 8, 9, 9, 7, density=0.3))

@@ -141,9 +141,10 @@ class FusedDSConv(nn.Module):
         return y
 
     def _kernel_tensors(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        from ..kernels.dw_pw_fused import fused_tap_tables
+
         fmt = self.dw.formats()
-        taps = fmt["taps"]
-        return [taps.tap_ptr, taps.tap_idx, taps.tap_val, fmt["bias"], *self._pw_operands(x)]
+        return [*fused_tap_tables(fmt["taps"], 16 // x.element_size()), fmt["bias"], *self._pw_operands(x)]
 
     def _apply(self, fn, recurse=True):
         self._calls, self._pw_cast = {}, {}  # new buffers (a move, a cast): new pointers to plan for

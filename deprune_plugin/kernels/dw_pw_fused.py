@@ -25,7 +25,7 @@ from .plan import KernelPlan
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
 __all__ = ["REFERENCE_OUT_CHANNELS", "THREADS", "dw_pw_fused", "dw_pw_fused_defines", "dw_pw_fused_plan",
-           "fused_smem_bytes", "reference_geometry"]
+           "fused_smem_bytes", "fused_tap_tables", "reference_geometry"]
 
 SOURCE = "dw_pw_fused.cu"
 ENTRY = "deprune_dw_pw_fused"
@@ -59,7 +59,7 @@ def fused_smem_bytes(g: ConvGeometry, elem: int, tile_h: int, tile_w: int, kc: i
     def a16(b: int) -> int:
         return -(-b // 16) * 16
     fixed = a16(a16(in_h * in_w * kc * elem) + a16(tile_h * tile_w * (kc + 8) * elem) + a16(cob * (kc + 8) * elem)
-                + 4 * kt * kc + 4 * (-(-kt // 32)) * kc)
+                + 4 * kt * kc + 4 * (-(-kt // 32)) * (kc // (_VECTOR_BYTES // elem)))
     halo = _overlap(g, tile_h) * in_w * kc * elem if walk > 1 else 0
     return fixed + -(-g.c // kc) * halo
 
@@ -146,7 +146,8 @@ def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bo
                "DEPRUNE_TILE_W": tw, "DEPRUNE_KC": kc, "DEPRUNE_COB": cob, "DEPRUNE_FUSED_MMA": int(tensor_cores),
                "DEPRUNE_WALK": walk}
     out = g.n * co * g.oh * g.ow * elem
-    weights = 4 * (g.c + 1) + 8 * taps + 4 * g.c + co * g.c * elem + 4 * co
+    lane = _VECTOR_BYTES // elem
+    weights = 4 * g.c * g.kh * g.kw + 4 * -(-g.kh * g.kw // 32) * -(-g.c // lane) + 4 * g.c + co * g.c * elem + 4 * co
     moved = staged * elem + weights + out + (out if residual else 0)
     eager, layer = _unfused_bytes(g, co, elem, taps, act, residual)
     return KernelPlan(
@@ -188,6 +189,35 @@ def dw_pw_fused_plan(g: ConvGeometry, out_channels: int, dtype: torch.dtype, *, 
     taps = g.c * g.kh * g.kw if kept_taps is None else int(kept_taps)
     return _plan(g, out_channels, dtype, int(smem_limit), bool(tensor_cores), act != "identity", bool(residual),
                  taps)
+
+
+def fused_tap_tables(taps: CompactTaps, vec: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's tap tables for ``vec``-channel vectors: ``tap_w [KT, C]`` float32 (the kept taps'
+    weights, 0 where pruned) and ``vec_keep [ceil(KT / 32), C / vec]`` int32 (bit ``t`` of word ``t // 32``:
+    some channel of the vector keeps tap ``t``). Built once per (taps, vec) and kept on ``taps`` (rebuilt when
+    a tensor of ``taps`` is written in place), so a planned launch can hold their pointers."""
+    c, (kh, kw) = taps.num_channels, taps.kernel_size
+    kt = kh * kw
+    stamp = (vec, *((t.data_ptr(), t._version) for t in (taps.tap_ptr, taps.tap_idx, taps.tap_val)))
+    cache = taps.__dict__.setdefault("_fused_tables", {})
+    hit = cache.get(vec)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    counts = (taps.tap_ptr[1:] - taps.tap_ptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(c, device=counts.device), counts)
+    keep = torch.zeros(c, kt, dtype=torch.bool, device=counts.device)
+    keep[rows, taps.tap_idx.long()] = True
+    tap_w = torch.zeros(c, kt, dtype=torch.float32, device=counts.device)
+    tap_w[rows, taps.tap_idx.long()] = taps.tap_val
+    words = -(-kt // 32)
+    bits = torch.zeros(c, words * 32, dtype=torch.int64, device=counts.device)
+    bits[:, :kt] = keep.long()
+    union = bits.reshape(c // vec, vec, words, 32).amax(dim=1)  # [C / vec, words, 32]
+    packed = (union << torch.arange(32, device=counts.device)).sum(dim=-1)  # [C / vec, words], < 2^32
+    vec_keep = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).t().contiguous()
+    tables = (tap_w.t().contiguous(), vec_keep)
+    cache[vec] = (stamp, tables)
+    return tables
 
 
 def _pw_matrix(w: torch.Tensor, c: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -262,7 +292,8 @@ def dw_pw_fused(x: torch.Tensor, taps: CompactTaps, dw_bias: torch.Tensor | None
     plan = dw_pw_fused_plan(g, co, x.dtype, smem_limit=dynamic_smem_limit(backend, x.device), act=act,
                             residual=residual is not None, kept_taps=int(taps.tap_idx.numel()))
     src = specialize(plan.source, plan.defines)
-    args = [arg_ptr(x), arg_ptr(y), arg_ptr(taps.tap_ptr), arg_ptr(taps.tap_idx), arg_ptr(taps.tap_val),
+    tap_w, vec_keep = fused_tap_tables(taps, lane)
+    args = [arg_ptr(x), arg_ptr(y), arg_ptr(tap_w), arg_ptr(vec_keep),
             arg_ptr(dw_bias), arg_ptr(w), arg_ptr(pw_bias), arg_ptr(residual),
             *(arg_i32(v) for v in (g.n, g.c, g.h, g.w, g.oh, g.ow, co, g.pad[0], g.pad[2])), arg_i32(act_code)]
     run_kernel(backend, src, plan.entry, plan.grid, plan.block, plan.smem_bytes, args, x.device)
