@@ -36,6 +36,11 @@
 //                           adjacent tiles share (the halo) are kept in shared memory for the next tile
 //                           (per chunk: a C-sized buffer after the fixed regions, sized by the launcher)
 //                           instead of being loaded again
+//   DEPRUNE_DW_ROWS         output rows one DW item computes (1 or 2; divides TILE_H): its input rows are read
+//                           and converted once for every tap row that uses them, its weights once for both rows
+//   DEPRUNE_ACT             the DW activation's code (deprune_common.cuh), or -1: the runtime argument `act`.
+//                           A fused pair is specialised per layer anyway, and a constant code folds the
+//                           activation switch away (six inlined activations per channel otherwise)
 // Runtime: N, C, H, W, OH, OW, CO, PH, PW (top / left padding), act.
 // Entry point: deprune_dw_pw_fused; grid (tiles_w * ceil(tiles_h / WALK), ceil(CO / COB), N), block 256;
 // dynamic shared memory SMEM_BYTES + ceil(C / KC) * HALO_BYTES (the launcher's fused_smem_bytes).
@@ -79,6 +84,12 @@
 #ifndef DEPRUNE_WALK
 #define DEPRUNE_WALK 1
 #endif
+#ifndef DEPRUNE_ACT
+#define DEPRUNE_ACT -1
+#endif
+#ifndef DEPRUNE_DW_ROWS
+#define DEPRUNE_DW_ROWS 2
+#endif
 
 #include "deprune_common.cuh"
 
@@ -94,7 +105,8 @@ namespace fu {
 constexpr int KH = DEPRUNE_KH, KW = DEPRUNE_KW, SH = DEPRUNE_SH, SW = DEPRUNE_SW;
 constexpr int DH = DEPRUNE_DH, DW = DEPRUNE_DW;
 constexpr int TILE_H = DEPRUNE_TILE_H, TILE_W = DEPRUNE_TILE_W, P = TILE_H * TILE_W;
-constexpr int KC = DEPRUNE_KC, COB = DEPRUNE_COB, WALK = DEPRUNE_WALK;
+constexpr int KC = DEPRUNE_KC, COB = DEPRUNE_COB, WALK = DEPRUNE_WALK, ROWS = DEPRUNE_DW_ROWS;
+constexpr int WIN = (ROWS - 1) * SH + (KH - 1) * DH + 1;  // input rows one DW item reads per window column
 constexpr int THREADS = 256, WARPS = THREADS / 32;
 constexpr int KT = KH * KW, MASK_WORDS = (KT + 31) / 32;
 constexpr int IN_H = (TILE_H - 1) * SH + (KH - 1) * DH + 1;  // input window of the tile, halo included
@@ -114,6 +126,7 @@ constexpr int HALO_ITEMS = OVERLAP * IN_W * NVC;  // 16-byte vectors of one chun
 
 static_assert(P == 16 || P == 32 || P == 64 || P == 128, "P = TILE_H * TILE_W must be 16, 32, 64 or 128");
 static_assert(KC % 16 == 0 && KC >= 16, "DEPRUNE_KC must be a multiple of 16");
+static_assert(ROWS >= 1 && TILE_H % ROWS == 0, "DEPRUNE_DW_ROWS must divide DEPRUNE_TILE_H");
 static_assert(COB % 8 == 0 && (MT * NT) % WARPS == 0, "DEPRUNE_COB: whole n8 tiles, the same number per warp");
 static_assert(THREADS % P == 0 && COB % (THREADS / P) == 0, "CUDA-core path: whole outputs per thread");
 static_assert(TPW <= 10 && ACC <= 40, "at most 40 fp32 accumulators per thread (more spill)");
@@ -186,6 +199,9 @@ __device__ __forceinline__ vec16 pack(const float* f) {
     v.w = w[3];
     return v;
 }
+// Whether keep bit t is set (t a compile-time constant in the unrolled tap loops).
+__device__ __forceinline__ bool kept(const unsigned int* keep, int t) { return (keep[t >> 5] >> (t & 31)) & 1u; }
+
 __device__ __forceinline__ vec16 zero_vec() {
     vec16 v;
     v.x = v.y = v.z = v.w = 0u;
@@ -341,35 +357,58 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
             for (int e = tid; e < HALO_ITEMS; e += THREADS) halo[e] = tail[e];
         }
 
-        // (2) DW: item = (pixel p, vector v); the vector's kept taps only. Not unrolled: the trip count is a
-        // constant, and unrolled items keep several vectors' taps in flight (register spills at KC = 64).
+        // (2) DW: item = (ROWS vertically adjacent pixels, vector v), the vector's kept taps only. Per window
+        // column j the input rows the item's ROWS outputs read are loaded (and converted) once each and feed
+        // every (output row r, tap row i) with r * SH + i * DH == ir; a row no kept tap reads is skipped.
+        // Not unrolled: the trip count is a constant, and unrolled items keep several vectors' taps in flight
+        // (register spills).
 #pragma unroll 1
-        for (int it = tid; it < P * NVC; it += THREADS) {
-            const int p = it / NVC, v = it - p * NVC;
-            const int py = p / TILE_W, px = p - py * TILE_W;
+        for (int it = tid; it < (P / ROWS) * NVC; it += THREADS) {
+            const int q = it / NVC, v = it - q * NVC;
+            const int py0 = q / TILE_W * ROWS, px = q - q / TILE_W * TILE_W;
             unsigned int keep[MASK_WORDS];
 #pragma unroll
             for (int w = 0; w < MASK_WORDS; ++w) keep[w] = s_mask[w * NVC + v];
-            float a[VEC];
+            float a[ROWS][VEC];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) a[e] = 0.0f;
-            const scalar_t* base = s_in + ((py * SH) * IN_W + px * SW) * KC + v * VEC;
+            for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
-            for (int t = 0; t < KT; ++t) {
-                if (!((keep[t >> 5] >> (t & 31)) & 1u)) continue;
-                const int i = t / KW, j = t - (t / KW) * KW;
-                float xv[VEC];
-                unpack<scalar_t>(*reinterpret_cast<const vec16*>(base + (i * DH * IN_W + j * DW) * KC), xv);
-                const float* wt = s_w + t * KC + v * VEC;
+                for (int e = 0; e < VEC; ++e) a[r][e] = 0.0f;
+            }
+            const scalar_t* base = s_in + ((py0 * SH) * IN_W + px * SW) * KC + v * VEC;
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) a[e] += wt[e] * xv[e];
+            for (int j = 0; j < KW; ++j) {
+#pragma unroll
+                for (int ir = 0; ir < WIN; ++ir) {
+                    bool needed = false;
+#pragma unroll
+                    for (int i = 0; i < KH; ++i) {
+                        const int r = ir - i * DH;  // output row this (input row, tap row) feeds, if any
+                        if (r >= 0 && r % SH == 0 && r / SH < ROWS) needed |= kept(keep, i * KW + j);
+                    }
+                    if (!needed) continue;
+                    float xv[VEC];
+                    unpack<scalar_t>(*reinterpret_cast<const vec16*>(base + (ir * IN_W + j * DW) * KC), xv);
+#pragma unroll
+                    for (int i = 0; i < KH; ++i) {
+                        const int r = ir - i * DH;
+                        if (r < 0 || r % SH != 0 || r / SH >= ROWS || !kept(keep, i * KW + j)) continue;
+                        const float* wt = s_w + (i * KW + j) * KC + v * VEC;
+#pragma unroll
+                        for (int e = 0; e < VEC; ++e) a[r / SH][e] += wt[e] * xv[e];
+                    }
+                }
             }
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-                const int c = c0 + v * VEC + e;
-                a[e] = deprune_activate(a[e] + (dw_bias != nullptr && c < C ? dw_bias[c] : 0.0f), act);
+            for (int r = 0; r < ROWS; ++r) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) {
+                    const int c = c0 + v * VEC + e;
+                    a[r][e] = deprune_activate(a[r][e] + (dw_bias != nullptr && c < C ? dw_bias[c] : 0.0f),
+                                               DEPRUNE_ACT >= 0 ? DEPRUNE_ACT : act);
+                }
+                *reinterpret_cast<vec16*>(s_a + ((py0 + r) * TILE_W + px) * AS + v * VEC) = pack<scalar_t>(a[r]);
             }
-            *reinterpret_cast<vec16*>(s_a + p * AS + v * VEC) = pack<scalar_t>(a);
         }
         __syncthreads();
 
@@ -418,7 +457,9 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
     scalar_t* yn = y + static_cast<long long>(n) * OH * OW * CO;
     const scalar_t* rn = res != nullptr ? res + static_cast<long long>(n) * OH * OW * CO : nullptr;
 #if FU_USE_MMA
-#pragma unroll
+    // "unroll 1": ptxas still keeps acc in registers, but schedules the stores without the spills full
+    // unrolling caused next to the DW phase's live registers (tests/test_dw_pw_fused_sass.py)
+#pragma unroll 1
     for (int j = 0; j < TPW; ++j) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // rows group and group + 8

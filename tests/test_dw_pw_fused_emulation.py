@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from deprune_plugin.kernels import CompactTaps, dw_pw_fused, emulation_available
-from deprune_plugin.kernels.activations import apply_activation
+from deprune_plugin.kernels.activations import ACTIVATIONS, apply_activation
 from deprune_plugin.kernels.launch import ConvGeometry
 from deprune_plugin.kernels.sources import cuda_dir
 
@@ -145,7 +145,7 @@ def test_plan_of_a_mobilenetv2_pair():
     output block (no DW recompute), tensor cores, within 48 KB, halos < 1.4x the input, and under a third of
     the eager BN-folded pair's bytes (gpu_performance.md: 163.8 MB for the unpruned 24-output pair)."""
     g = _mbv2(144, 56, 1, 24)
-    plan = fused_mod.dw_pw_fused_plan(g, 24, torch.float16, residual=True)
+    plan = fused_mod.dw_pw_fused_plan(g, 24, torch.float16, residual=True, act="relu6")
     assert plan.kernel == "fused" and plan.tensor_cores and plan.block == (256, 1, 1)
     assert plan.extra["dw_recompute"] == 1 and plan.grid[1] == 1 and plan.grid[2] == 32
     assert plan.smem_bytes <= 48 * 1024 and 1.0 < plan.staged_over_unique < 1.4
@@ -213,8 +213,10 @@ MUTATIONS = {
     "residual dropped": lambda s: s.replace("if (rn != nullptr) v += deprune_to_float(rn[pix * CO + o]);\n"
                                             "                deprune_store",
                                             "deprune_store"),
-    "tap skip inverted": lambda s: s.replace("if (!((keep[t >> 5] >> (t & 31)) & 1u)) continue;",
-                                             "if (((keep[t >> 5] >> (t & 31)) & 1u)) continue;"),
+    "tap skip inverted": lambda s: s.replace("{ return (keep[t >> 5] >> (t & 31)) & 1u; }",
+                                             "{ return !((keep[t >> 5] >> (t & 31)) & 1u); }"),
+    "second DW row reads the first row's input": lambda s: s.replace("a[r / SH][e] += wt[e] * xv[e];",
+                                                                     "a[0][e] += wt[e] * xv[e];"),
     "DW bias dropped": lambda s: s.replace("(dw_bias != nullptr && c < C ? dw_bias[c] : 0.0f)", "0.0f"),
     "top padding dropped": lambda s: s.replace("const int iy0 = oy0 * SH - PH;", "const int iy0 = oy0 * SH;"),
 }
@@ -364,3 +366,39 @@ def test_taps_past_bit_31_and_windows_over_32_taps():
     _, vec_keep = fused_mod.fused_tap_tables(CompactTaps.from_dense(torch.ones(8, 1, 7, 7), keep), 8)
     assert vec_keep.shape == (2, 1) and vec_keep[0, 0].item() == -(2**31) and vec_keep[1, 0].item() == 1 << 16
     check(make(1, 8, 8, 9, 9, 7, density=0.3))
+
+
+def test_the_activation_is_compiled_in_and_a_runtime_code_still_works(monkeypatch):
+    """The planner compiles the activation's code in (DEPRUNE_ACT); a specialisation without it (-1) takes the
+    launch's runtime code and gives the same result."""
+    plan = fused_mod.dw_pw_fused_plan(_mbv2(32, 8, 1, 16), 16, torch.float16, act="hardswish")
+    assert plan.defines["DEPRUNE_ACT"] == ACTIVATIONS["hardswish"].code
+    t = make(1, 32, 16, 8, 8, 3, act="hardswish")
+    compiled = run(t)
+    real = fused_mod.dw_pw_fused_plan
+
+    def runtime_act(*a, **k):
+        p = real(*a, **k)
+        return replace(p, defines={**p.defines, "DEPRUNE_ACT": -1})
+    monkeypatch.setattr(fused_mod, "dw_pw_fused_plan", runtime_act)
+    torch.testing.assert_close(run(t), compiled)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("k, stride, dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 2), ((3, 5), 2, 1)])
+def test_one_and_two_output_rows_per_dw_item(monkeypatch, rows, k, stride, dilation):
+    real = fused_mod.dw_pw_fused_plan
+
+    def plan(*a, **kw):
+        p = real(*a, **kw)
+        return replace(p, defines={**p.defines, "DEPRUNE_DW_ROWS": rows})
+    monkeypatch.setattr(fused_mod, "dw_pw_fused_plan", plan)
+    check(make(2, 48, 24, 12, 11, k, stride=stride, dilation=dilation, residual=stride == 1, density=0.4))
+
+
+def test_planner_uses_two_rows_where_every_thread_still_gets_an_item():
+    g = _mbv2(144, 56, 1, 12)
+    plan = fused_mod.dw_pw_fused_plan(g, 12, torch.float16)
+    th, tw = plan.extra["tile"]
+    vectors = plan.extra["chunk"] // 8
+    assert plan.defines["DEPRUNE_DW_ROWS"] == (2 if th % 2 == 0 and th * tw // 2 * vectors >= 256 else 1)

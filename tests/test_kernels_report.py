@@ -64,6 +64,21 @@ def test_sass_unrolled_vector_staging_cp_async_and_tensor_cores():
     assert s.tensor_cores and s.macs_per_warp_iteration == 16 * 8 * 16
 
 
+def test_sass_per_kind_loops_of_a_fused_kernel():
+    """A fused pair's SASS: a CUDA-core loop (FFMA) for the DW taps, and tensor-core steps (HMMA) either in a
+    loop of their own or, with one K step per chunk, straight-line between two barriers."""
+    dw_loop = ["LDG.E.128 R20, desc[UR4][R22.64]", "STS.128 [R1], R20", "BAR.SYNC.DEFER_BLOCKING 0x0",
+               "LDS.128 R4, [R2]", "FFMA R8, R4, R5, R8", "FFMA R9, R6, R7, R9", "@P0 BRA 0x30"]
+    looped = _sass([*dw_loop, "BAR.SYNC.DEFER_BLOCKING 0x0", "LDS R10, [R3]", "HMMA.16816.F32 R12, R10, R11, R12",
+                    "HMMA.16816.F32 R16, R10, R11, R16", "@P1 BRA 0x80", "EXIT"])
+    s = analyze_sass(looped, elem_bits=16, input_param=None)
+    assert s.cc_loop == (64, 4, 4.0) and s.tc_loop == (2 * 16 * 8 * 16, 4, 1.0)
+    straight = _sass([*dw_loop, "BAR.SYNC.DEFER_BLOCKING 0x0", "LDS R10, [R3]", "HMMA.16816.F32 R12, R10, R11, R12",
+                      "BAR.SYNC.DEFER_BLOCKING 0x0", "EXIT"])
+    s = analyze_sass(straight, elem_bits=16, input_param=None)
+    assert s.cc_loop == (64, 4, 4.0) and s.tc_loop == (16 * 8 * 16, 2, 1.0)
+
+
 def test_occupancy_against_the_sm90_limits():
     sm90 = ARCHS["sm_90"]
     occ = occupancy(sm90, 256, 40, 0)  # 1280 registers per warp -> 51 warps -> 6 blocks of 8 warps

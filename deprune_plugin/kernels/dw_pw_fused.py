@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 
 from .dw_direct import _covered
+from .activations import ACTIVATIONS
 from .formats import CompactTaps
 from .launch import DEFAULT_SMEM_LIMIT, MAX_GRID_YZ, ConvGeometry, dynamic_smem_limit, prepare_conv, run_kernel
 from .plan import KernelPlan
@@ -113,6 +114,15 @@ def _candidates(g: ConvGeometry, co: int, elem: int, limit: int) -> list[tuple]:
     return out
 
 
+def _dw_rows(tile_h: int, tile_w: int, kc: int, cob: int, elem: int) -> int:
+    """Output rows per DW item: 2 (weights and shared input rows read once for both) when the tile has an even
+    height, pairs of rows still give every thread an item, and the 1x1 accumulators leave registers for a
+    second row of DW sums (<= 24 of them: with more, ptxas spills at 128 registers), else 1."""
+    vectors = kc // (_VECTOR_BYTES // elem)
+    acc = tile_h * tile_w * cob // THREADS
+    return 2 if tile_h % 2 == 0 and (tile_h * tile_w // 2) * vectors >= THREADS and acc <= 24 else 1
+
+
 def _unfused_bytes(g: ConvGeometry, co: int, elem: int, taps: int, act: bool, residual: bool) -> tuple[int, int]:
     """``(eager BN-folded, perfect epilogues)`` bytes of the same pair run as separate kernels: DW conv (input,
     taps, bias, output), [activation: read + write the DW output], 1x1 conv (DW output, weights, bias,
@@ -129,7 +139,7 @@ def _unfused_bytes(g: ConvGeometry, co: int, elem: int, taps: int, act: bool, re
 
 
 @lru_cache(maxsize=1024)
-def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bool, act: bool, residual: bool,
+def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bool, act: str, residual: bool,
           taps: int) -> KernelPlan:
     elem = _elem(dtype)
     cands = _candidates(g, co, elem, min(DEFAULT_SMEM_LIMIT, smem_limit)) or _candidates(g, co, elem, smem_limit)
@@ -144,12 +154,13 @@ def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bo
     defines = {"DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_KH": g.kh, "DEPRUNE_KW": g.kw, "DEPRUNE_SH": g.sh,
                "DEPRUNE_SW": g.sw, "DEPRUNE_DH": g.dh, "DEPRUNE_DW": g.dw, "DEPRUNE_TILE_H": th,
                "DEPRUNE_TILE_W": tw, "DEPRUNE_KC": kc, "DEPRUNE_COB": cob, "DEPRUNE_FUSED_MMA": int(tensor_cores),
-               "DEPRUNE_WALK": walk}
+               "DEPRUNE_WALK": walk, "DEPRUNE_ACT": ACTIVATIONS[act].code,
+               "DEPRUNE_DW_ROWS": _dw_rows(th, tw, kc, cob, elem)}
     out = g.n * co * g.oh * g.ow * elem
     lane = _VECTOR_BYTES // elem
     weights = 4 * g.c * g.kh * g.kw + 4 * -(-g.kh * g.kw // 32) * -(-g.c // lane) + 4 * g.c + co * g.c * elem + 4 * co
     moved = staged * elem + weights + out + (out if residual else 0)
-    eager, layer = _unfused_bytes(g, co, elem, taps, act, residual)
+    eager, layer = _unfused_bytes(g, co, elem, taps, act != "identity", residual)
     return KernelPlan(
         kernel="fused", source=SOURCE, entry=ENTRY, defines=defines, grid=grid, block=(THREADS, 1, 1),
         smem_bytes=smem, staged_bytes=staged * elem, unique_bytes=g.n * g.c * g.h * g.w * elem, bytes_moved=moved,
@@ -160,7 +171,7 @@ def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bo
 
 
 def dw_pw_fused_plan(g: ConvGeometry, out_channels: int, dtype: torch.dtype, *, smem_limit: int = DEFAULT_SMEM_LIMIT,
-                     tensor_cores: bool = True, act: str = "relu6", residual: bool = False,
+                     tensor_cores: bool = True, act: str = "identity", residual: bool = False,
                      kept_taps: int | None = None) -> KernelPlan:
     """The launch of ``deprune_dw_pw_fused`` for one call signature.
 
@@ -172,7 +183,8 @@ def dw_pw_fused_plan(g: ConvGeometry, out_channels: int, dtype: torch.dtype, *, 
             nothing fits there.
         tensor_cores: use mma.sync for the 1x1 GEMM (16-bit dtypes; the kernel falls back to CUDA cores
             before sm_80).
-        act: the DW activation (only whether it is ``"identity"`` matters here: the unfused pair's extra pass).
+        act: the DW activation (a key of :data:`.activations.ACTIVATIONS`): compiled in, and whether the
+            unfused pair needs an activation pass.
         residual: whether the epilogue adds a residual (counted in the bytes).
         kept_taps: kept DW taps (the tap table's size); default all ``c * kh * kw``.
 
@@ -187,7 +199,9 @@ def dw_pw_fused_plan(g: ConvGeometry, out_channels: int, dtype: torch.dtype, *, 
     if not isinstance(out_channels, int) or out_channels < 1:
         raise ValueError(f"out_channels must be an int >= 1, got {out_channels!r}")
     taps = g.c * g.kh * g.kw if kept_taps is None else int(kept_taps)
-    return _plan(g, out_channels, dtype, int(smem_limit), bool(tensor_cores), act != "identity", bool(residual),
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    return _plan(g, out_channels, dtype, int(smem_limit), bool(tensor_cores), act, bool(residual),
                  taps)
 
 
@@ -311,9 +325,9 @@ REFERENCE_OUT_CHANNELS = 20
 
 
 def dw_pw_fused_defines(dtype: torch.dtype, g: ConvGeometry | None = None, out_channels: int | None = None, *,
-                        smem_limit: int = DEFAULT_SMEM_LIMIT) -> dict[str, object]:
+                        smem_limit: int = DEFAULT_SMEM_LIMIT, act: str = "identity") -> dict[str, object]:
     """The ``#define`` set :func:`dw_pw_fused` compiles ``cuda/dw_pw_fused.cu`` with for ``g`` (default
-    :func:`reference_geometry` with :data:`REFERENCE_OUT_CHANNELS` outputs) and ``dtype``."""
+    :func:`reference_geometry` with :data:`REFERENCE_OUT_CHANNELS` outputs), ``dtype`` and ``act``."""
     g = reference_geometry() if g is None else g
     co = REFERENCE_OUT_CHANNELS if out_channels is None else out_channels
-    return dict(dw_pw_fused_plan(g, co, dtype, smem_limit=smem_limit).defines)
+    return dict(dw_pw_fused_plan(g, co, dtype, smem_limit=smem_limit, act=act).defines)

@@ -474,6 +474,11 @@ def _reads_param(ins: list[Instr], n: int, param: int, max_steps: int = 4000) ->
     return False
 
 
+def _is_tc(i: Instr) -> bool:
+    """Whether ``i`` is a tensor-core multiply-add (``HMMA`` / ``HGMMA``)."""
+    return i.op.split(".")[0] in ("HMMA", "HGMMA")
+
+
 def _boundary(i: Instr, targets: set[int]) -> bool:
     return i.addr in targets or i.op.split(".")[0] in ("BAR", "BRA", "EXIT")
 
@@ -532,9 +537,16 @@ def analyze_sass(sass: str, elem_bits: int, input_param: int | None = 0x210) -> 
     for kind, tensor_op in (("cc", False), ("tc", True)):
         for a, b in innermost:
             ops = ins[a:b + 1]
-            macs = sum(_macs_per_warp(i.op) for i in ops if (i.op.split(".")[0] in ("HMMA", "HGMMA")) == tensor_op)
+            macs = sum(_macs_per_warp(i.op) for i in ops if _is_tc(i) == tensor_op)
             if macs and (kind not in per_kind or macs > per_kind[kind][0]):
                 per_kind[kind] = (macs, len(ops), sum(_lds_cycles(i.op) for i in ops))
+    hmma = [n for n, i in enumerate(ins) if i.op.split(".")[0] in ("HMMA", "HGMMA")]
+    if hmma and "tc" not in per_kind:  # tensor-core steps not in a loop (one K step per chunk): their barrier region
+        lo = max((n for n, i in enumerate(ins[:hmma[0]]) if i.op.startswith("BAR")), default=-1) + 1
+        hi = next((n for n in range(hmma[-1], len(ins)) if ins[n].op.startswith("BAR")), len(ins))
+        ops = ins[lo:hi]
+        per_kind["tc"] = (sum(_macs_per_warp(i.op) for i in ops if _is_tc(i)), len(ops),
+                          sum(_lds_cycles(i.op) for i in ops))
     if best is None:
         bars = [n for n, i in enumerate(ins) if i.op.startswith("BAR")]
         post = ins[bars[-1] if bars else 0:]
