@@ -95,6 +95,7 @@ CASES = {
     "mbv3-hardswish-co-tail": (2, 40, 20, 6, 7, 3, 1, False, "hardswish"),
     "wide-out-several-blocks": (1, 64, 330, 5, 5, 3, 1, False, "relu"),  # 330 outputs: > one block, odd tail
     "identity-gelu-tiny-map": (3, 16, 8, 1, 1, 3, 1, True, "gelu"),
+    "effnet-last-1152-5x5": (1, 1152, 160, 7, 7, 5, 1, False, "silu"),  # the widest expanded DW of the zoo
 }
 
 
