@@ -360,3 +360,34 @@ def test_asan_catches_a_planner_bug_in_the_real_kernel(tmp_path):
     assert "went unnoticed" not in result.stdout and result.returncode != 0
     assert "AddressSanitizer: heap-buffer-overflow" in result.stderr and "deprune_dw_direct" in result.stderr, \
         result.stderr[-3000:]
+
+
+@needs_sanitizer
+def test_the_fused_kernel_runs_clean_under_sanitizers(tmp_path):
+    """cuda/dw_pw_fused.cu under ASan + UBSan: channel and output tails, a residual, stride 2, 5x5, fp32's
+    CUDA-core path and a walk over tiles (each its own sanitized build), all matching the unfused pair."""
+    result = run_sanitized("""
+    import importlib
+    from dataclasses import replace
+    import torch
+    from test_dw_pw_fused_emulation import check, make
+    from deprune_plugin.kernels import emulation
+    assert emulation.asan_runtime_loaded() and emulation.sanitize_requested()
+    check(make(2, 72, 40, 7, 7, 3, residual=True))                   # partial chunk, 40 outputs
+    check(make(1, 96, 20, 9, 8, 3, stride=2, act="silu"))            # stride 2, odd output count
+    check(make(1, 48, 24, 8, 8, 5, residual=True, dtype=torch.float32))  # CUDA cores, 5x5
+    fused = importlib.import_module("deprune_plugin.kernels.dw_pw_fused")
+    real = fused.dw_pw_fused_plan
+    def walk4(g, co, dtype, **kw):
+        p = real(g, co, dtype, **kw)
+        th, tw = p.extra["tile"]
+        smem = fused.fused_smem_bytes(g, 2, th, tw, p.extra["chunk"], p.extra["out_block"], 4)
+        return replace(p, defines={**p.defines, "DEPRUNE_WALK": 4}, smem_bytes=smem,
+                       grid=(-(-g.oh // (th * 4)) * -(-g.ow // tw), p.grid[1], p.grid[2]))
+    fused.dw_pw_fused_plan = walk4
+    import os
+    os.environ["DEPRUNE_EMU_SMEM_OPTIN"] = str(100 * 1024)
+    check(make(1, 32, 16, 37, 9, 3, residual=True))                  # a walk, the last one cut short
+    print("done")
+    """, tmp_path)
+    assert result.returncode == 0 and "done" in result.stdout, result.stdout[-2000:] + result.stderr[-4000:]
