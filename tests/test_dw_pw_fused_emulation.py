@@ -273,7 +273,7 @@ def _fuzz(count: int) -> None:
 
 
 def test_fuzz_sample():
-    _fuzz(24)
+    _fuzz(16)  # each shape is a build of its own (geometry is compile-time): a short prefix in CI
 
 
 @pytest.mark.fuzz
@@ -300,7 +300,7 @@ def _force_walk(monkeypatch, walk: int) -> None:
     monkeypatch.setattr(fused_mod, "dw_pw_fused_plan", plan)
 
 
-@pytest.mark.parametrize("walk", [2, 3, 8])
+@pytest.mark.parametrize("walk", [3, 8])
 @pytest.mark.parametrize("k, stride", [(3, 1), (3, 2), (5, 1)])
 def test_a_walk_over_tiles_gives_the_same_result(monkeypatch, walk, k, stride):
     """Tall maps (more tile rows than the walk, and a last walk cut short) through 2-8 tiles per CTA."""
@@ -386,7 +386,7 @@ def test_the_activation_is_compiled_in_and_a_runtime_code_still_works(monkeypatc
 
 
 @pytest.mark.parametrize("rows", [1, 2])
-@pytest.mark.parametrize("k, stride, dilation", [(3, 1, 1), (3, 2, 1), (5, 1, 2), ((3, 5), 2, 1)])
+@pytest.mark.parametrize("k, stride, dilation", [(3, 1, 1), (5, 1, 2), ((3, 5), 2, 1)])
 def test_one_and_two_output_rows_per_dw_item(monkeypatch, rows, k, stride, dilation):
     real = fused_mod.dw_pw_fused_plan
 
