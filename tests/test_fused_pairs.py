@@ -195,3 +195,32 @@ def test_the_fused_launch_is_planned_once_per_signature(monkeypatch):
     torch.testing.assert_close(other - first, res, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(first, pair.unfused(inp, res), rtol=1e-4, atol=1e-4)
     assert len(pair._calls) == 1
+
+
+def test_pair_choices_travel_in_the_state_dict_and_a_load_drops_stale_operands(fake_fused_kernel):
+    m, fast, x = _accelerated()
+    edits, _ = plan_pair_edits(fast, x)
+    for e in edits:
+        e.apply(fast)
+    _use_kernels(fast)
+    pair = fast.blocks[1][0].conv_dw
+    pair.dispatcher().reps, pair.dispatcher().warmup, pair.dispatcher().calls_per_sample = 1, 0, 1
+    with torch.no_grad():
+        fast(x)
+    assert len(pair.choices) == 1
+    state = fast.state_dict()
+    rows = state["blocks.1.0.conv_dw.pair_choices"]
+    assert rows.dtype == torch.int64 and rows.shape == (1, 9)
+
+    _, other, _ = _accelerated()
+    edits, _ = plan_pair_edits(other, x)
+    for e in edits:
+        e.apply(other)
+    twin = other.blocks[1][0].conv_dw
+    ops = twin._pw_operands(x)  # cached before the load: must not survive it
+    assert not torch.equal(ops[0], pair.pw_weight.reshape(pair.pw_weight.shape[0], -1))  # other random weights
+    other.load_state_dict(state)
+    assert twin.choices == pair.choices
+    torch.testing.assert_close(twin._pw_operands(x)[0], pair.pw_weight.reshape(pair.pw_weight.shape[0], -1))
+    twin.pw_weight.mul_(2)  # an in-place write is noticed too
+    torch.testing.assert_close(twin._pw_operands(x)[0], 2 * pair.pw_weight.reshape(pair.pw_weight.shape[0], -1))

@@ -32,7 +32,10 @@ from ..kernels.dispatch import KernelDispatcher, dispatch_key
 from ..kernels.planned import plan_call, plan_key
 from .convert import Edit, ReportEntry
 from .fold import Trace, trace_calls
-from .modules import DISPATCHER_LOCK, FastDWConv
+from .modules import DISPATCHER_LOCK, FastDWConv, decode_choices, encode_choices
+
+_CHOICES_KEY = "pair_choices"
+_CHOICE_NAMES = ("unfused", "fused")
 
 __all__ = ["FusedDSConv", "ResidualPair", "fused_kernel_available", "plan_pair_edits", "plan_residual_edits"]
 
@@ -90,7 +93,8 @@ class FusedDSConv(nn.Module):
     def _pw_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The 1x1 weight as ``[C_out, C]`` in ``x.dtype`` and its bias in fp32, made once per dtype and device
         (a ``.to()`` or a load makes new buffers: a new key, the old copies dropped)."""
-        key = (x.dtype, x.device, self.pw_weight.data_ptr(), self.pw_bias.data_ptr())
+        w, b = self.pw_weight, self.pw_bias
+        key = (x.dtype, x.device, w.data_ptr(), w._version, b.data_ptr(), b._version)  # an in-place write: rebuilt
         ops = self._pw_cast.get(key)
         if ops is None:
             ops = (self.pw_weight.reshape(self.pw_weight.shape[0], -1).to(x.dtype).contiguous(),
@@ -156,6 +160,23 @@ class FusedDSConv(nn.Module):
         state["_pw_cast"] = {}
         state["_calls"] = {}
         return state
+
+    # The per-signature choice travels in the state dict (one int64 tensor), like FastDWConv's kernel choices:
+    # a model rebuilt by accelerate() and loaded does not re-time known signatures.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + _CHOICES_KEY] = encode_choices(self.choices, _CHOICE_NAMES)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        rows = state_dict.pop(prefix + _CHOICES_KEY, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._calls, self._pw_cast = {}, {}  # the buffers were overwritten in place: same pointers, new values
+        if rows is not None:
+            state_dict[prefix + _CHOICES_KEY] = rows  # leave the caller's dict as it was
+            self.choices = decode_choices(rows, _CHOICE_NAMES)
+            self._dispatcher = None
 
 
 def _pairable_pw(m: nn.Module) -> bool:

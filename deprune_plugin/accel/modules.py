@@ -67,18 +67,31 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LAYOUTS = ("contiguous", "channels_last", "strided")
 
 
-def _encode_choice(key: tuple, name: str) -> list[int]:
-    """``dispatch_key`` + kernel name -> ``[n, c, h, w, dtype, layout, device type, device index, kernel]``."""
+def _encode_choice(key: tuple, name: str, names: tuple[str, ...] = _KERNELS) -> list[int]:
+    """``dispatch_key`` + kernel name -> ``[n, c, h, w, dtype, layout, device type, device index, kernel]``
+    (``kernel``: the name's index in ``names``)."""
     shape, dtype, device, layout = key
     dev = torch.device(device)
     return [*shape, _DTYPES.index(dtype), _LAYOUTS.index(layout), int(dev.type == "cuda"),
-            -1 if dev.index is None else dev.index, _KERNELS.index(name)]
+            -1 if dev.index is None else dev.index, names.index(name)]
 
 
-def _decode_choice(row: list[int]) -> tuple[tuple, str]:
+def _decode_choice(row: list[int], names: tuple[str, ...] = _KERNELS) -> tuple[tuple, str]:
     n, c, h, w, dtype, layout, is_cuda, index, kernel = row
     device = torch.device("cuda" if is_cuda else "cpu", None if index < 0 else index)
-    return ((n, c, h, w), _DTYPES[dtype], device, _LAYOUTS[layout]), _KERNELS[kernel]
+    return ((n, c, h, w), _DTYPES[dtype], device, _LAYOUTS[layout]), names[kernel]
+
+
+def encode_choices(choices: dict, names: tuple[str, ...]) -> torch.Tensor:
+    """Per-signature choices as one int64 tensor (a row per signature, see :func:`_encode_choice`): what a
+    state dict holds (a dict entry would break ``torch.jit.trace``, which detaches every state-dict value)."""
+    rows = [_encode_choice(k, v, names) for k, v in choices.items()]
+    return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _CHOICE_COLS)
+
+
+def decode_choices(rows: torch.Tensor, names: tuple[str, ...]) -> dict:
+    """The inverse of :func:`encode_choices`."""
+    return dict(_decode_choice(r, names) for r in rows.tolist())
 
 
 def _dense(x: torch.Tensor, mod: "FastDWConv") -> torch.Tensor:
@@ -312,8 +325,7 @@ class FastDWConv(nn.Module):
     # which detaches every state-dict value): a row per signature, see _encode_choice.
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        rows = [_encode_choice(k, v) for k, v in self.choices.items()]
-        destination[prefix + _CHOICES_KEY] = torch.tensor(rows, dtype=torch.int64).reshape(len(rows), _CHOICE_COLS)
+        destination[prefix + _CHOICES_KEY] = encode_choices(self.choices, _KERNELS)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -324,7 +336,7 @@ class FastDWConv(nn.Module):
         self.__dict__.pop("_buffers_validated", None)  # with content that was never checked
         if rows is not None:
             state_dict[prefix + _CHOICES_KEY] = rows  # leave the caller's dict as it was
-            self.choices = dict(_decode_choice(r) for r in rows.tolist())
+            self.choices = decode_choices(rows, _KERNELS)
             self._dispatcher = None
         self._calls = {}
 
