@@ -43,24 +43,7 @@
 #ifndef DEPRUNE_LAYOUT_NHWC
 #define DEPRUNE_LAYOUT_NHWC 1
 #endif
-#ifndef DEPRUNE_KH
-#define DEPRUNE_KH 3
-#endif
-#ifndef DEPRUNE_KW
-#define DEPRUNE_KW 3
-#endif
-#ifndef DEPRUNE_SH
-#define DEPRUNE_SH 1
-#endif
-#ifndef DEPRUNE_SW
-#define DEPRUNE_SW 1
-#endif
-#ifndef DEPRUNE_DH
-#define DEPRUNE_DH 1
-#endif
-#ifndef DEPRUNE_DW
-#define DEPRUNE_DW 1
-#endif
+#include "deprune_window.cuh"
 #ifndef DEPRUNE_TILE_H
 #define DEPRUNE_TILE_H 16
 #endif

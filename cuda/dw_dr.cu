@@ -80,24 +80,7 @@
 #ifndef DEPRUNE_DR_MMA
 #define DEPRUNE_DR_MMA 0
 #endif
-#ifndef DEPRUNE_KH
-#define DEPRUNE_KH 3
-#endif
-#ifndef DEPRUNE_KW
-#define DEPRUNE_KW 3
-#endif
-#ifndef DEPRUNE_SH
-#define DEPRUNE_SH 1
-#endif
-#ifndef DEPRUNE_SW
-#define DEPRUNE_SW 1
-#endif
-#ifndef DEPRUNE_DH
-#define DEPRUNE_DH 1
-#endif
-#ifndef DEPRUNE_DW
-#define DEPRUNE_DW 1
-#endif
+#include "deprune_window.cuh"
 
 #include "deprune_common.cuh"
 

@@ -43,29 +43,13 @@
 //                           activation switch away (six inlined activations per channel otherwise)
 // Runtime: N, C, H, W, OH, OW, CO, PH, PW (top / left padding), act.
 // Entry point: deprune_dw_pw_fused; grid (tiles_w * ceil(tiles_h / WALK), ceil(CO / COB), N), block 256;
-// dynamic shared memory SMEM_BYTES + ceil(C / KC) * HALO_BYTES (the launcher's fused_smem_bytes).
+// dynamic shared memory SMEM_BYTES + (KEEP_HALO ? ceil(C / KC) * HALO_ITEMS * 16 : 0) bytes (the launcher's
+// fused_smem_bytes).
 
 #ifndef DEPRUNE_SCALAR
 #define DEPRUNE_SCALAR __half
 #endif
-#ifndef DEPRUNE_KH
-#define DEPRUNE_KH 3
-#endif
-#ifndef DEPRUNE_KW
-#define DEPRUNE_KW 3
-#endif
-#ifndef DEPRUNE_SH
-#define DEPRUNE_SH 1
-#endif
-#ifndef DEPRUNE_SW
-#define DEPRUNE_SW 1
-#endif
-#ifndef DEPRUNE_DH
-#define DEPRUNE_DH 1
-#endif
-#ifndef DEPRUNE_DW
-#define DEPRUNE_DW 1
-#endif
+#include "deprune_window.cuh"
 #ifndef DEPRUNE_TILE_H
 #define DEPRUNE_TILE_H 8
 #endif
@@ -142,7 +126,6 @@ constexpr int A_BYTES = align16(P * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int B_BYTES = align16(COB * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int W_BYTES = KT * KC * 4;
 constexpr int SMEM_BYTES = align16(IN_BYTES + A_BYTES + B_BYTES + W_BYTES + MASK_WORDS * NVC * 4);
-constexpr int HALO_BYTES = KEEP_HALO ? HALO_ITEMS * 16 : 0;  // per chunk, after SMEM_BYTES
 
 // ---- 16-byte vectors ----------------------------------------------------------------------------
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)

@@ -41,6 +41,15 @@ def _use_kernels(fast):
             mod._dispatcher = KernelDispatcher({"dense": lambda x, m: m.dense(x)}, reps=1, warmup=0)
 
 
+def _fuse(fast, x, residual: bool = False):
+    """Apply every pair edit (and, with ``residual``, every residual-block edit) to ``fast``."""
+    for e in plan_pair_edits(fast, x)[0]:
+        e.apply(fast)
+    if residual:
+        for e in plan_residual_edits(fast, x):
+            e.apply(fast)
+
+
 @pytest.fixture
 def fake_fused_kernel(monkeypatch):
     calls = []
@@ -102,9 +111,7 @@ def test_residual_blocks_become_residual_pairs_and_keep_the_output(fake_fused_ke
     """MobileNetV2's 10 inverted residuals with a skip: the expansion conv (BN folded) and ReLU6 chain into
     the pair, the add moves into the pair; the 7 blocks without a skip stay as they are."""
     m, fast, x = _accelerated()
-    edits, _ = plan_pair_edits(fast, x)
-    for e in edits:
-        e.apply(fast)
+    _fuse(fast, x)
     blocks = plan_residual_edits(fast, x)
     assert [e.name for e in blocks] == ["blocks.1.1", "blocks.2.1", "blocks.2.2", "blocks.3.1", "blocks.3.2",
                                         "blocks.3.3", "blocks.4.1", "blocks.4.2", "blocks.5.1", "blocks.5.2"]
@@ -122,9 +129,7 @@ def test_a_block_whose_output_is_not_pair_plus_input_is_left_alone(fake_fused_ke
     """The same chain -> pair structure without the add (timm's has_skip off), and a block that adds its input
     twice: neither output is the pair's output plus the block's input."""
     _, fast, x = _accelerated()
-    edits, _ = plan_pair_edits(fast, x)
-    for e in edits:
-        e.apply(fast)
+    _fuse(fast, x)
     fast.blocks[1][1].has_skip = False
     fast.blocks[2][1].register_forward_hook(lambda mod, args, out: out + args[0])
     names = [e.name for e in plan_residual_edits(fast, x)]
@@ -139,11 +144,7 @@ def test_the_real_fused_kernel_in_emulation_runs_every_pair_of_a_pruned_mobilene
     if not emulation_available()[0]:
         pytest.skip("host emulation unavailable")
     m, fast, x = _accelerated()
-    edits, _ = plan_pair_edits(fast, x)
-    for e in edits:
-        e.apply(fast)
-    for e in plan_residual_edits(fast, x):
-        e.apply(fast)
+    _fuse(fast, x, residual=True)
     _use_kernels(fast)
     pairs = [mod for mod in fast.modules() if isinstance(mod, FusedDSConv)]
     for pair in pairs:
@@ -165,11 +166,7 @@ def test_the_fused_launch_is_planned_once_per_signature(monkeypatch):
     if not emulation_available()[0]:
         pytest.skip("host emulation unavailable")
     m, fast, x = _accelerated()
-    edits, _ = plan_pair_edits(fast, x)
-    for e in edits:
-        e.apply(fast)
-    for e in plan_residual_edits(fast, x):
-        e.apply(fast)
+    _fuse(fast, x, residual=True)
     _use_kernels(fast)
     block = fast.blocks[2][1]
     pair = block.pair
@@ -199,9 +196,7 @@ def test_the_fused_launch_is_planned_once_per_signature(monkeypatch):
 
 def test_pair_choices_travel_in_the_state_dict_and_a_load_drops_stale_operands(fake_fused_kernel):
     m, fast, x = _accelerated()
-    edits, _ = plan_pair_edits(fast, x)
-    for e in edits:
-        e.apply(fast)
+    _fuse(fast, x)
     _use_kernels(fast)
     pair = fast.blocks[1][0].conv_dw
     pair.dispatcher().reps, pair.dispatcher().warmup, pair.dispatcher().calls_per_sample = 1, 0, 1
