@@ -76,6 +76,7 @@
 #endif
 
 #include "deprune_common.cuh"
+#include "deprune_vec16.cuh"
 
 // Tensor cores where the target has mma.sync m16n8k16 (sm_80+) and always in the host emulation.
 #if DEPRUNE_FUSED_MMA && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
@@ -127,69 +128,11 @@ constexpr int B_BYTES = align16(COB * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int W_BYTES = KT * KC * 4;
 constexpr int SMEM_BYTES = align16(IN_BYTES + A_BYTES + B_BYTES + W_BYTES + MASK_WORDS * NVC * 4);
 
-// ---- 16-byte vectors ----------------------------------------------------------------------------
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-typedef uint4 vec16;
-__device__ __forceinline__ float lo16(unsigned int w, __half) { return __half2float(__ushort_as_half(w & 0xffffu)); }
-__device__ __forceinline__ float lo16(unsigned int w, __nv_bfloat16) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ unsigned int bits16(float f, __half) { return __half_as_ushort(__float2half(f)); }
-__device__ __forceinline__ unsigned int bits16(float f, __nv_bfloat16) {
-    return __bfloat16_as_ushort(__float2bfloat16(f));
-}
-__device__ __forceinline__ float f32_of(unsigned int w) { return __uint_as_float(w); }
-__device__ __forceinline__ unsigned int bits_of(float f) { return __float_as_uint(f); }
-#else
-struct alignas(16) vec16 {
-    unsigned int x, y, z, w;
-};
-inline float lo16(unsigned int w, __half) { return __half2float(__half{static_cast<unsigned short>(w & 0xffffu)}); }
-inline float lo16(unsigned int w, __nv_bfloat16) { return deprune_emu_bits_to_float(w << 16); }
-inline unsigned int bits16(float f, __half) { return __float2half(f).x; }
-inline unsigned int bits16(float f, __nv_bfloat16) { return __float2bfloat16(f).x; }
-inline float f32_of(unsigned int w) { return deprune_emu_bits_to_float(w); }
-inline unsigned int bits_of(float f) { return deprune_emu_float_to_bits(f); }
-#endif
+__device__ __forceinline__ vec16 zero_vec() { return vec16{0u, 0u, 0u, 0u}; }
 
-// VEC storage elements of one vector -> fp32 (lower channel first) and back (templates: only the branch of
-// the storage type is instantiated).
-template <class T>
-__device__ __forceinline__ void unpack(const vec16& v, float* f) {
-    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        if constexpr (sizeof(T) == 2) {
-            f[2 * k] = lo16(w[k], T());
-            f[2 * k + 1] = lo16(w[k] >> 16, T());
-        } else {
-            f[k] = f32_of(w[k]);
-        }
-    }
-}
-template <class T>
-__device__ __forceinline__ vec16 pack(const float* f) {
-    unsigned int w[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-        if constexpr (sizeof(T) == 2)
-            w[k] = bits16(f[2 * k], T()) | (bits16(f[2 * k + 1], T()) << 16);
-        else
-            w[k] = bits_of(f[k]);
-    }
-    vec16 v;
-    v.x = w[0];
-    v.y = w[1];
-    v.z = w[2];
-    v.w = w[3];
-    return v;
-}
 // Whether keep bit t is set (t a compile-time constant in the unrolled tap loops).
 __device__ __forceinline__ bool kept(const unsigned int* keep, int t) { return (keep[t >> 5] >> (t & 31)) & 1u; }
 
-__device__ __forceinline__ vec16 zero_vec() {
-    vec16 v;
-    v.x = v.y = v.z = v.w = 0u;
-    return v;
-}
 
 // ---- tensor-core step -----------------------------------------------------------------------------
 // d += A * B for one warp: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (fragment layouts:

@@ -298,8 +298,9 @@ MULTI_CTA = Case(1, 40, 30, 30, (3, 3), (1, 2), (1, 1), (1, 1), 0.7, 1, "identit
 
 @dataclass(frozen=True)
 class Mutation:
-    """A bug planted in a kernel source: ``old`` (found ``count`` times in ``cu_file``) becomes ``new``; the
-    comparison on ``case`` must then fail in each of ``layouts``."""
+    """A bug planted in a kernel source: ``old`` (found ``count`` times in ``path``, default ``cu_file``: a
+    header the kernel includes, e.g.) becomes ``new``; the comparison on ``case`` of the kernel of ``cu_file``
+    must then fail in each of ``layouts``."""
 
     cu_file: str
     why: str
@@ -308,6 +309,11 @@ class Mutation:
     count: int
     case: Case
     layouts: tuple[str, ...] = LAYOUTS
+    path: str = ""
+
+    @property
+    def file(self) -> str:
+        return self.path or self.cu_file
 
 
 MUTATIONS = [
@@ -328,7 +334,7 @@ MUTATIONS = [
     Mutation("dw_direct.cu", "vector tap mask from its first channel only",
              "keep[m] |= s_mask[m * CB + ch0 + l];", "keep[m] |= s_mask[m * CB + ch0];", 1, RICH, ("nhwc",)),
     Mutation("dw_direct.cu", "16-byte vector unpacked from its first word only",
-             "f[k] = bits_to_f32(w[k]);", "f[k] = bits_to_f32(w[0]);", 1, RICH, ("nhwc",)),
+             "f[k] = bits_to_f32(w[k]);", "f[k] = bits_to_f32(w[0]);", 1, RICH, ("nhwc",), "deprune_vec16.cuh"),
     # halo origin of the second and later tiles (the first tile starts at 0 either way)
     Mutation("dw_direct.cu", "column halo origin ignores the stride",
              "const int ix0 = ox0 * SW - PW;", "const int ix0 = ox0 - PW;", 1, MULTI_TILE),
@@ -421,11 +427,11 @@ class KernelEmulationTests:
 
     def test_kernel_mutation_is_caught(self, tmp_path, monkeypatch, mutation):
         m = mutation
-        source = (cuda_dir() / m.cu_file).read_text()
+        source = (cuda_dir() / m.file).read_text()
         assert source.count(m.old) == m.count, f"mutation {m.why!r} no longer matches the kernel; update MUTATIONS"
         mutated = tmp_path / "cuda"
         shutil.copytree(cuda_dir(), mutated)
-        (mutated / m.cu_file).write_text(source.replace(m.old, m.new))
+        (mutated / m.file).write_text(source.replace(m.old, m.new))
         monkeypatch.setenv("DEPRUNE_CUDA_DIR", str(mutated))
         for layout in m.layouts:
             y, ref = self.run_case(m.case, torch.float32, layout == "nhwc")
