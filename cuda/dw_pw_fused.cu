@@ -8,15 +8,18 @@
 // The kept taps come as two tables the launcher builds once per weight (deprune_plugin/kernels/dw_pw_fused.py:
 // fused_tap_tables): tap_w[KT][C] fp32 (the BN-folded weight, 0 where pruned; tap t = i*KW + j) and
 // vec_keep[MASK_WORDS][C / VEC] (bit t: some channel of the 16-byte vector keeps tap t), so a chunk's taps
-// are staged with the same coalesced loads as its input. Accumulation is fp32 throughout; the DW result is rounded to the storage type once (where
-// the unfused pair writes it to memory), so the fused and the unfused pair round alike.
+// are staged with the same coalesced loads as its input. Accumulation is fp32 throughout; the DW result is
+// rounded to the storage type once (where the unfused pair writes it to memory), so the fused and the
+// unfused pair round alike.
 //
-// One CTA = a TILE_H x TILE_W tile of output pixels (P = TILE_H * TILE_W, 16 .. 128) of one image x a block
-// of COB output channels. It walks the C expanded channels in chunks of KC:
-//   1. stage the chunk's input tile with halo (16-byte vectors, zeros outside the image), its DW taps (dense
-//      fp32 [KT][KC] + keep bits) and its PW weights [COB][KC] into shared memory;
-//   2. DW: one thread per (pixel, 16-byte channel vector): the taps no channel of the vector keeps are
-//      skipped; bias, activation, one rounding, the result into the A tile s_a[P][KC] (shared memory);
+// One CTA = a TILE_H x TILE_W tile of output pixels (P = TILE_H * TILE_W, 16 .. 128) of one image (or WALK
+// such tiles, one below the other) x a block of COB output channels. Per tile it walks the C expanded
+// channels in chunks of KC:
+//   1. stage the chunk's input tile with halo (16-byte vectors, zeros outside the image; the rows the previous
+//      tile of a walk shares come from shared memory), its DW taps (dense fp32 [KT][KC] + keep bits) and its
+//      PW weights [COB][KC] into shared memory;
+//   2. DW: one item per (DW_ROWS vertically adjacent pixels, 16-byte channel vector): the taps no channel of
+//      the vector keeps are skipped; bias, activation, one rounding, the result into the A tile s_a[P][KC];
 //   3. PW: s_acc[P][COB] += s_a[P][KC] * s_b[COB][KC]^T, on tensor cores (mma.sync m16n8k16, fp16/bf16 in,
 //      fp32 accumulate: each warp owns one m16 row tile and TPW n8 column tiles, accumulators in registers)
 //      or, for fp32 storage and before sm_80, on CUDA cores (a thread per pixel and COB*P/256 outputs).
@@ -120,7 +123,8 @@ static_assert(sizeof(scalar_t) == 2, "the tensor-core path takes fp16 or bf16 st
 #endif
 
 // Shared memory (bytes, each region 16-byte aligned): s_in[IN_H*IN_W][KC] | s_a[P][AS] | s_b[COB][AS] storage,
-// s_w[KT][KC] fp32 | s_mask[MASK_WORDS][NVC] u32 (the chunk's vectors' keep bits).
+// s_w[KT][KC] fp32 | s_mask[MASK_WORDS][NVC] u32 (the chunk's vectors' keep bits) | with KEEP_HALO, per chunk
+// the OVERLAP rows a walk's next tile reuses (s_halo).
 __host__ __device__ constexpr int align16(int b) { return (b + 15) / 16 * 16; }
 constexpr int IN_BYTES = align16(IN_H * IN_W * KC * static_cast<int>(sizeof(scalar_t)));
 constexpr int A_BYTES = align16(P * AS * static_cast<int>(sizeof(scalar_t)));
@@ -132,7 +136,6 @@ __device__ __forceinline__ vec16 zero_vec() { return vec16{0u, 0u, 0u, 0u}; }
 
 // Whether keep bit t is set (t a compile-time constant in the unrolled tap loops).
 __device__ __forceinline__ bool kept(const unsigned int* keep, int t) { return (keep[t >> 5] >> (t & 31)) & 1u; }
-
 
 // ---- tensor-core step -----------------------------------------------------------------------------
 // d += A * B for one warp: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32 (fragment layouts:
