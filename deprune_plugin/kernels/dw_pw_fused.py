@@ -3,8 +3,9 @@
 
 A DW conv is memory bound and tap pruning does not cut its traffic; not writing its (expanded) output to
 memory and not reading it back for the 1x1 conv does. :func:`dw_pw_fused_plan` turns a call signature into a
-:class:`.plan.KernelPlan`: the output tile (16..128 pixels), the channel chunk, the block of output channels
-per CTA, shared memory, and the bytes the fused launch moves next to the bytes the same pair moves unfused
+:class:`.plan.KernelPlan`: the output tile (16..128 pixels), how many tiles a CTA walks down (keeping the input
+rows they share), the channel chunk, the block of output channels per CTA, the DW rows per item, shared
+memory, and the bytes the fused launch moves next to the bytes the same pair moves unfused
 (``extra["bytes_moved_unfused"]``: the pair as separate kernels with BN folded, the activation and the
 residual add as their own passes, as an eager BN-folded model runs it; ``extra["bytes_moved_layer"]``: the
 same with perfect epilogues, i.e. the DW kernel with its activation fused and the 1x1 conv with the add).
@@ -18,8 +19,8 @@ from functools import lru_cache
 
 import torch
 
-from .dw_direct import _covered
 from .activations import ACTIVATIONS
+from .dw_direct import _covered
 from .formats import CompactTaps
 from .launch import DEFAULT_SMEM_LIMIT, MAX_GRID_YZ, ConvGeometry, dynamic_smem_limit, prepare_conv, run_kernel
 from .plan import KernelPlan
@@ -53,7 +54,8 @@ def _overlap(g: ConvGeometry, tile_h: int) -> int:
 def fused_smem_bytes(g: ConvGeometry, elem: int, tile_h: int, tile_w: int, kc: int, cob: int, walk: int = 1) -> int:
     """Dynamic shared memory of one CTA: the kernel's fixed ``SMEM_BYTES`` (input tile with halo, ``KC`` channels
     per pixel; the A (DW result) and B (1x1 weights) tiles with rows of ``KC + 8`` elements; fp32 taps and keep
-    bits) and, for a walk over several tiles, the shared rows of every chunk (``ceil(C / KC) * HALO_BYTES``)."""
+    bits) and, for a walk over several tiles, the input rows the next tile reuses, for every chunk
+    (``ceil(C / KC)`` x the overlap rows x the tile's input width x ``KC`` elements)."""
     in_h, in_w = g.input_window(tile_h, tile_w)
     kt = g.kh * g.kw
 
@@ -186,12 +188,14 @@ def dw_pw_fused_plan(g: ConvGeometry, out_channels: int, dtype: torch.dtype, *, 
         act: the DW activation (a key of :data:`.activations.ACTIVATIONS`): compiled in, and whether the
             unfused pair needs an activation pass.
         residual: whether the epilogue adds a residual (counted in the bytes).
-        kept_taps: kept DW taps (the tap table's size); default all ``c * kh * kw``.
+        kept_taps: kept DW taps (the unfused DW kernel's tap table, in ``bytes_moved_unfused``); default all
+            ``c * kh * kw``.
 
     Returns:
-        a :class:`.plan.KernelPlan` (``kernel="fused"``): grid ``(tiles, ceil(CO / COB), N)``, block 256,
-        ``staged_bytes`` (input tiles with halos, times the output-channel blocks), ``bytes_moved`` (staged +
-        taps + 1x1 weights + output + residual); ``extra``: tile, chunk, out_block, ``dw_recompute`` (the
+        a :class:`.plan.KernelPlan` (``kernel="fused"``): grid ``(tiles_w * ceil(tiles_h / walk), ceil(CO / COB),
+        N)``, block 256, ``staged_bytes`` (input windows with halos, a walk's loaded once, times the
+        output-channel blocks), ``bytes_moved`` (staged + tap tables + 1x1 weights + output + residual);
+        ``extra``: tile, walk, chunk, out_block, ``dw_recompute`` (the
         output-channel blocks, each recomputing the DW tile), ``bytes_moved_unfused``, ``bytes_moved_layer``,
         ``pw_macs``.
     """
