@@ -115,7 +115,7 @@ def test_b0_is_the_unpruned_model_channels_last(models, runners):
     assert b0 is not dense
     assert b0.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert not dense.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # the input is not changed
-    assert torch.allclose(b0(x), dense(x), atol=1e-5)
+    assert torch.allclose(b0(x), dense(x), rtol=1e-4, atol=1e-4)  # channels_last reorders sums
     assert (b0(x) - pruned(x)).abs().max() > 0.1  # pruning changed the model: B0 is not B1
 
 

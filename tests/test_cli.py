@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -143,6 +144,15 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown subcommand": (["shrink"], "shrink"),
         "inspect missing file": (["inspect", str(tmp / "missing.pt")], "missing.pt"),
         "inspect foreign file": (["inspect", str(tmp / "junk.pt")], "junk.pt"),
+        "inspect a directory": (["inspect", str(tmp / "empty_dir")], f"file {str(tmp / 'empty_dir')!r} is a directory, "
+                                                                     "not a file"),
+        "export a directory": (["export", str(tmp / "empty_dir")], f"file {str(tmp / 'empty_dir')!r} is a directory, "
+                                                                   "not a file"),
+        "checkpoint is a directory": (["prune", "--checkpoint", str(tmp / "empty_dir"), *TINY, *out],
+                                      f"checkpoint {str(tmp / 'empty_dir')!r} is a directory, not a file"),
+        "out-dir under a file": (["prune", *TINY, "--out-dir", str(tmp / "a_file" / "runs")],
+                                 f"{str(tmp / 'a_file')!r} is a file, not a directory"),
+        "export no-check without static": (["export", str(tmp / "junk.pt"), "--no-check"], "--no-check needs --static"),
         "one training image": (["prune", *TINY, "--limit", "1", *out], "at least 2"),
         "a model torch-pruning cannot trace": (["prune", "--source", "torchvision", "--model", "shufflenet_v2_x0_5",
                                                 *TINY, *out], "--pw 0"),
@@ -483,3 +493,210 @@ def test_prune_recalibrates_and_distils_by_default(tmp_path):
     assert code == 0
     assert set(load_extra(tmp_path / "b.pt")["metrics"]["top1"]) == {"before", "pruned", "after"}
     assert load_extra(tmp_path / "b.pt")["args"]["distill"] is False
+
+
+# ------------------------------------------------------------------------- files that are not what they seem
+def _one_error_line(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("deprune: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["inspect", "export", "checkpoint"])
+@pytest.mark.parametrize("content,start", [(b"not a checkpoint", "it starts with b'not a ch'"),
+                                           (b"", "it is empty")])
+def test_a_file_that_is_no_pytorch_file_is_named_as_such(tmp_path, capsys, monkeypatch, command, content, start):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(content)
+    monkeypatch.chdir(tmp_path)
+    args = {"inspect": ["inspect", str(junk)], "export": ["export", str(junk)],
+            "checkpoint": ["prune", "--checkpoint", str(junk), *TINY, "--out", str(tmp_path / "m.pt")]}[command]
+    line = _one_error_line(capsys, main(args))
+    what = "checkpoint" if command == "checkpoint" else "file"
+    assert line.startswith(f"deprune: error: {what} {str(junk)!r} is not a PyTorch file: {start}"), line
+    for misleading in ("trusted", "unpickling", "weights_only", "will likely succeed"):
+        assert misleading not in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+
+
+def test_load_names_a_file_that_is_no_pytorch_file(tmp_path):
+    junk = tmp_path / "notes.pt"
+    junk.write_text("just some notes")
+    with pytest.raises(ValueError, match=re.escape(f"{junk} is not a PyTorch file: it starts with b'just som'")) as e:
+        load(junk)
+    assert "trusted" not in str(e.value)
+    with pytest.raises(ValueError, match="is not a PyTorch file"):
+        load(junk, trusted=True)  # unpickling would not help either
+    with pytest.raises(IsADirectoryError, match=re.escape(f"{tmp_path} is a directory, not a file")):
+        load(tmp_path)
+
+
+def test_a_checkpoint_that_needs_unpickling_gets_our_own_message(tmp_path, capsys):
+    path = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), path)  # a pickled module, not a state dict
+    line = _one_error_line(capsys, main(["prune", "--checkpoint", str(path), *TINY, "--out", str(tmp_path / "m.pt")]))
+    assert line == (f"deprune: error: checkpoint {str(path)!r} holds more than tensors and plain data (e.g. a whole "
+                    "pickled model), and reading it would need full unpickling, which can run code from the file; "
+                    "save and pass model.state_dict() instead")
+
+
+# ------------------------------------------------------------------------------------------------ export
+@pytest.fixture
+def pickled_model(tmp_path) -> Path:
+    """A tiny model saved without ``arch`` (pickled: loads with --trusted, nothing to build or download)."""
+    from deprune_plugin.tp_glue.serialization import save
+
+    path = tmp_path / "tiny.pt"
+    save(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, padding=1, groups=3), torch.nn.ReLU()), path)
+    return path
+
+
+def _fake_export(calls: list, effect: Callable[[Path], None] | None = None):
+    def export(model, path, format="onnx", example_inputs=None, dynamic=True, check=True):
+        calls.append({"path": str(path), "format": format, "shape": tuple(example_inputs.shape), "dynamic": dynamic,
+                      "check": check})
+        Path(path).write_bytes(b"onnx")
+        if effect is not None:
+            effect(Path(path))
+        return Path(path)
+    return export
+
+
+@pytest.mark.parametrize("flags,dynamic,check", [([], True, True), (["--static"], False, True),
+                                                 (["--static", "--no-check"], False, False)])
+def test_export_static_and_no_check(pickled_model, capsys, monkeypatch, flags, dynamic, check):
+    import deprune_plugin.accel as accel
+
+    calls: list = []
+    monkeypatch.setattr(accel, "export", _fake_export(calls))
+    code = main(["export", str(pickled_model), "--trusted", "--input-size", "40", *flags])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    out = str(pickled_model.with_suffix(".onnx"))
+    assert calls == [{"path": out, "format": "onnx", "shape": (1, 3, 40, 40), "dynamic": dynamic, "check": check}]
+    status = {(True, True): "checked against the model at 1x3x40x40 and another batch/size",
+              (False, True): "static 1x3x40x40, checked against the model",
+              (False, False): "static 1x3x40x40, not checked"}[dynamic, check]
+    assert captured.out.strip() == f"wrote {out} ({status})"
+
+
+def test_export_no_check_of_a_dynamic_file_is_refused_before_anything_runs(pickled_model, capsys, monkeypatch):
+    import deprune_plugin.accel as accel
+
+    calls: list = []
+    monkeypatch.setattr(accel, "export", _fake_export(calls))
+    line = _one_error_line(capsys, main(["export", str(pickled_model), "--trusted", "--no-check"]))
+    assert "--no-check needs --static" in line and "second batch and size" in line
+    assert calls == [] and sorted(p.name for p in pickled_model.parent.iterdir()) == ["tiny.pt"]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_file_refused_by_its_check_is_one_error_line_not_an_internal_error(pickled_model, capsys, monkeypatch,
+                                                                             static):
+    import deprune_plugin.accel as accel
+    from deprune_plugin.accel import ExportCheckFailed
+
+    reason = ("export to {} failed its check in onnxruntime on the second input 2x3x45x41: max abs diff 0.5 "
+              "(file deleted)")
+
+    def refuse(path: Path) -> None:
+        path.unlink()
+        raise ExportCheckFailed(reason.format(path))
+
+    monkeypatch.setattr(accel, "export", _fake_export([], refuse))
+    out = pickled_model.with_suffix(".onnx")
+    line = _one_error_line(capsys, main(["export", str(pickled_model), "--trusted", "--input-size", "32"]
+                                        + (["--static"] if static else [])))
+    hint = "try --input-size N (the image size the model is meant for)"
+    if not static:
+        hint += " or --static (one fixed input shape, 1x3x32x32)"
+    assert line == f"deprune: error: refused {str(out)!r}: {reason.format(out)}; {hint}"
+    assert not out.exists()
+
+
+def test_export_check_failed_is_a_runtime_error():
+    from deprune_plugin.accel import ExportCheckFailed
+    from deprune_plugin.accel.exporter import __all__ as exporter_names
+
+    assert issubclass(ExportCheckFailed, RuntimeError) and "ExportCheckFailed" in exporter_names
+
+
+# ------------------------------------------------------------------------------------------------ warnings
+def test_warnings_are_one_clean_line_and_the_callers_display_comes_back(pickled_model, capsys, monkeypatch):
+    import warnings
+
+    import deprune_plugin.accel as accel
+
+    def warn(path: Path) -> None:
+        warnings.warn(f"{path} written but not checked:\nno runtime installed", RuntimeWarning, stacklevel=3)
+
+    def python_default(message, category, filename, lineno, file=None, line=None):
+        # what Python prints without pytest's recording: file, line number, category and the source line
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    monkeypatch.setattr(accel, "export", _fake_export([], warn))
+    monkeypatch.setattr(warnings, "showwarning", python_default)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        code = main(["export", str(pickled_model), "--trusted"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    out = pickled_model.with_suffix(".onnx")
+    assert err.splitlines() == [f"deprune: warning: {out} written but not checked: no runtime installed"]
+    assert warnings.showwarning is python_default
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def test_prune_writes_into_the_output_folder_by_default(tmp_path, capsys, monkeypatch):
+    from deprune_plugin.app import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_measure_latency", lambda *a: ({}, None))  # not what this test is about
+    quick = [*QUICK, "--pretrain-epochs", "0", "--finetune-epochs", "0", "--no-recalibrate"]
+    assert main(["prune", *quick]) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cli.DEFAULT_OUT_DIR]
+    assert sorted(p.name for p in (tmp_path / cli.DEFAULT_OUT_DIR).iterdir()) == ["pruned.png", "pruned.pt"]
+    model_file, figure = (os.path.join(cli.DEFAULT_OUT_DIR, name) for name in ("pruned.pt", "pruned.png"))
+    assert capsys.readouterr().out.strip().endswith(f"saved {model_file}, figure {figure}")
+    assert main(["prune", *quick, "--no-figure", "--out-dir", str(tmp_path / "runs" / "a")]) == 0
+    assert [p.name for p in (tmp_path / "runs" / "a").iterdir()] == ["pruned.pt"]
+    assert load(tmp_path / "runs" / "a" / "pruned.pt")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert f"/{cli.DEFAULT_OUT_DIR}/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def test_progress_in_a_log_is_plain_lines_not_one_carriage_return_line(capsys):
+    """capsys's stderr is no terminal, like a CI log: no tqdm bar (its \\r updates would pile into one line),
+    and training, the long part, says one line per epoch instead."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from deprune_plugin.app.training import evaluate, train
+    from deprune_plugin.core.recalibration import recalibrate_bn
+    from deprune_plugin.core.timing import interleaved_medians
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    loader = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))), batch_size=4)
+    losses = train(model, loader, 2, quiet=False, desc="fine-tune")
+    evaluate(model, loader, quiet=False)
+    recalibrate_bn(model, loader, num_batches=3, quiet=False)
+    interleaved_medians({"a": lambda: None}, reps=3, warmup=0, quiet=False)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == [f"fine-tune: epoch {i + 1}/2, loss {loss:.3f}" for i, loss in enumerate(losses)]
+    train(model, loader, 1, quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_compare_in_a_log_says_one_plain_line_per_run(capsys):
+    from deprune_plugin.app.compare import CompareConfig, compare
+
+    cfg = CompareConfig(model="mobilenetv3_small_050", limit=16, seeds=(3, 4), methods=("dense",), dense_epochs=0,
+                        finetune_epochs=0, device="cpu", quiet=False)
+    runs = compare(cfg)["runs"]
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == [f"compare: {i + 1}/2 seed {r['seed']} dense: top-1 {r['top1_finetuned']:.2f}%"
+                                for i, r in enumerate(runs)]

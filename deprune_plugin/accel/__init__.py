@@ -6,10 +6,11 @@ the app.
 """
 from ..kernels.formats import CompactTaps, DRColumns
 from .api import AccelerateConfig, AccelerateReport, accelerate
-from .exporter import EXPORT_FORMATS, export
+from .exporter import EXPORT_FORMATS, ExportCheckFailed, export
 from .memory import MemoryReport, memory_report
 from .modules import FastDWConv
 from .runtimes import RUNTIMES, RuntimeModel
 
 __all__ = ["accelerate", "AccelerateConfig", "AccelerateReport", "FastDWConv", "CompactTaps", "DRColumns",
-           "MemoryReport", "memory_report", "export", "EXPORT_FORMATS", "RUNTIMES", "RuntimeModel"]
+           "MemoryReport", "memory_report", "export", "ExportCheckFailed", "EXPORT_FORMATS", "RUNTIMES",
+           "RuntimeModel"]

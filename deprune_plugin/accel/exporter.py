@@ -26,13 +26,21 @@ from .api import AccelerateConfig, _default_inputs, accelerate
 from .runtimes import RUNTIMES, runtime_available, to_onnx
 from .selfcheck import check_inputs
 
-__all__ = ["EXPORT_FORMATS", "export"]
+__all__ = ["EXPORT_FORMATS", "ExportCheckFailed", "export"]
 
 #: format -> (file suffix, runtimes that can check it, in order of preference)
 EXPORT_FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "onnx": (".onnx", ("onnxruntime", "openvino")),
     "openvino": (".xml", ("openvino",)),
 }
+
+
+class ExportCheckFailed(RuntimeError):
+    """The written file disagreed with the model (or its runtime could not run it) and was deleted.
+
+    A ``RuntimeError`` (what this failure raised before it had a class of its own), told apart so that
+    callers can report a refused file, whose cause is the model or the export settings (e.g. the input
+    size), differently from a failure of the code."""
 
 
 def _check_args(model: nn.Module, path: str | os.PathLike, format: str, example_inputs) -> tuple[Path, tuple | None]:
@@ -137,5 +145,5 @@ def _check_file(source: nn.Module, path: Path, format: str, example_inputs: tupl
         if bad is not None:
             for f in _written_files(path, format):
                 f.unlink(missing_ok=True)
-            raise RuntimeError(f"export to {path} failed its check in {runtime} on the {item.label}: {bad} "
-                               "(file deleted)")
+            raise ExportCheckFailed(f"export to {path} failed its check in {runtime} on the {item.label}: "
+                                    f"{bad} (file deleted)")

@@ -5,9 +5,17 @@ Checked inputs: the example input, and a second input of another batch and spati
 stride-2 layers see both parities) when the source model accepts one. Outputs are compared leaf by leaf
 with :func:`deprune_plugin.core.agreement.agreement` (dtype-aware). On a mismatch every edit is tried alone;
 those that break the output alone are reverted; if the rest still disagree together, everything is.
+
+Rounding versus error: a fp32 model can itself be far from its exact value (a BatchNorm whose running
+variance is ~0 divides by ``sqrt(eps)`` and amplifies rounding ~300x), and then any reordering of its sums
+(BN folding, channels_last, another runtime) differs from it by more than a fixed tolerance. So for fp32
+sources the check also runs the source in float64: outputs are compared with that exact reference, and the
+tolerance grows by :data:`SLACK_FACTOR` times the source's own fp32-vs-float64 error, which a failure
+message reports. A wrong layer is off by the activations' scale and is still caught.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -18,16 +26,37 @@ from torch.utils._pytree import tree_leaves
 from ..core.agreement import agreement
 from .convert import Edit
 
-__all__ = ["CheckInput", "check_inputs", "outputs_agree", "verify_edits"]
+__all__ = ["CheckInput", "SLACK_FACTOR", "check_inputs", "outputs_agree", "verify_edits"]
+
+#: how many times the source model's own fp32-vs-float64 error a replacement may differ from float64 by (on
+#: top of the dtype's tolerance): two fp32 evaluations of one function in different orders are each about
+#: that far from exact, and their worst elements need not coincide.
+SLACK_FACTOR = 8.0
 
 
 @dataclass
 class CheckInput:
-    """One input of the self-check and the source model's output on it."""
+    """One input of the self-check and the source model's output on it.
+
+    ``expected``: the source's output in its own dtype. ``exact``: the float64 source's output (fp32 sources
+    where the model converts), the reference compared with when present. ``source_error``: per output leaf,
+    the largest ``|expected - exact|`` (empty without ``exact``)."""
 
     label: str
     args: tuple
     expected: Any
+    exact: Any = None
+    source_error: list[float] = field(default_factory=list)
+
+    def describe_source(self) -> str:
+        """How far the source model itself is from float64 on this input ("" when not measured)."""
+        if not self.source_error:
+            return ""
+        scale = max((float(t.detach().abs().max()) for t in tree_leaves(self.exact)
+                     if isinstance(t, torch.Tensor) and t.numel()), default=0.0)
+        err = max(self.source_error)
+        rel = f", {err / scale:.2g} relative" if scale > 0 else ""
+        return f"the source model itself is {err:.3g} from its float64 value here{rel}"
 
 
 def _second_input(args: tuple) -> tuple | None:
@@ -41,8 +70,11 @@ def _second_input(args: tuple) -> tuple | None:
 
 
 @torch.no_grad()
-def check_inputs(model: nn.Module, example: tuple) -> tuple[list[CheckInput], list[str]]:
-    """The inputs to check with and the source model's outputs on them, plus notes on what was skipped."""
+def check_inputs(model: nn.Module, example: tuple, exact: bool = True) -> tuple[list[CheckInput], list[str]]:
+    """The inputs to check with and the source model's outputs on them, plus notes on what was skipped.
+
+    With ``exact`` and a fp32 ``model``, a float64 copy of it also runs on each input (see the module doc).
+    """
     out = [CheckInput(f"example input {_shape(example)}", example, model(*example))]
     notes = []
     second = _second_input(example)
@@ -52,7 +84,43 @@ def check_inputs(model: nn.Module, example: tuple) -> tuple[list[CheckInput], li
         except Exception as e:  # noqa: BLE001 - the model itself does not take that size: nothing to check
             notes.append(f"second input {_shape(second)} skipped: the source model does not accept it "
                          f"({type(e).__name__})")
+    if exact:
+        note = _add_exact(model, out)
+        if note:
+            notes.append(note)
     return out, notes
+
+
+def _is_fp32(model: nn.Module) -> bool:
+    dtypes = {t.dtype for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()}
+    return dtypes == {torch.float32}
+
+
+def _add_exact(model: nn.Module, items: list[CheckInput]) -> str:
+    """Fill ``exact`` and ``source_error`` of ``items`` from a float64 copy of ``model``; a note when it
+    cannot run in float64 (then the plain dtype tolerance applies)."""
+    if not _is_fp32(model):
+        return ""
+    try:
+        double = copy.deepcopy(model).double()
+        for item in items:
+            args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                         for a in item.args)
+            exact = double(*args)
+            errs = []
+            for e, x in zip(tree_leaves(item.expected), tree_leaves(exact)):
+                if isinstance(e, torch.Tensor) and e.is_floating_point() and isinstance(x, torch.Tensor):
+                    diff = (e.double() - x.double()).abs()
+                    diff = diff[torch.isfinite(diff)]
+                    errs.append(float(diff.max()) if diff.numel() else 0.0)
+                else:
+                    errs.append(0.0)
+            item.exact, item.source_error = exact, errs
+    except Exception as e:  # noqa: BLE001 - a model that cannot run in float64 keeps the fp32 reference
+        for item in items:
+            item.exact, item.source_error = None, []
+        return f"float64 reference skipped: the source model does not run in float64 ({type(e).__name__})"
+    return ""
 
 
 def _shape(args: tuple) -> str:
@@ -72,11 +140,15 @@ def outputs_agree(model: Callable[..., Any], inputs: Sequence[CheckInput]) -> tu
             got_leaves, ref_leaves = tree_leaves(got), tree_leaves(item.expected)
             if len(got_leaves) != len(ref_leaves):
                 return False, f"{item.label}: output structure differs"
-            for g, r in zip(got_leaves, ref_leaves):
+            exact = tree_leaves(item.exact) if item.source_error else [None] * len(ref_leaves)
+            errors = item.source_error or [0.0] * len(ref_leaves)
+            for g, r, x, err in zip(got_leaves, ref_leaves, exact, errors):
                 if isinstance(r, torch.Tensor):
-                    a = agreement(g, r)
+                    ref = r if x is None else x
+                    a = agreement(g, ref, dtype=r.dtype, slack=SLACK_FACTOR * err)
                     if not a.ok:
-                        return False, f"{item.label}: {a.reason}"
+                        source = item.describe_source()
+                        return False, f"{item.label}: {a.reason}" + (f"; {source}" if source else "")
     return True, ""
 
 

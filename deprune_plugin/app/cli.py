@@ -6,15 +6,18 @@ Subcommands:
   accuracy and latency before/after, save a file that ``deprune_plugin.load`` (``from deprune_plugin import
   load``) rebuilds in one call, print the per-layer table and write a PNG report.
 - ``deprune inspect PATH``: the tap-mask report and stored metrics of a saved model.
+- ``deprune export PATH``: the model as a checked ONNX file or OpenVINO IR.
 - ``deprune bench ...``: speed benchmark (:mod:`deprune_plugin.app.bench`).
 - ``deprune kernels ...``: static performance report of the DW kernels (registers, spills, occupancy, load
   widths, modelled time) on a pruned model's DW layers, no GPU needed (:mod:`deprune_plugin.app.kernel_report`).
 
 Bad input is reported as one line ``deprune: error: ...`` on stderr with exit status 2, and is detected
-before any training starts, so a failed call writes nothing. An unexpected internal error is one line
-``deprune: internal error: ...`` (exit status 1) that says how to see the traceback: ``--debug`` anywhere
-on the command line, or ``DEPRUNE_DEBUG=1`` in the environment. A finished ``prune`` run is saved before
-its optional steps (latency); an optional step that fails is a one-line warning.
+before any training starts, so a failed call writes nothing. An exported file that its check refuses is
+deleted and reported the same way (exit status 2), with what to try. An unexpected internal error is one
+line ``deprune: internal error: ...`` (exit status 1) that says how to see the traceback: ``--debug``
+anywhere on the command line, or ``DEPRUNE_DEBUG=1`` in the environment. A finished ``prune`` run is saved
+before its optional steps (latency); an optional step that fails is a one-line warning. Warnings, ours and
+the libraries', are one line ``deprune: warning: ...`` each.
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ import argparse
 import copy
 import json
 import os
+import pickle
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -32,6 +37,8 @@ PROG = "deprune"
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 DEBUG_ENV = "DEPRUNE_DEBUG"
+DEFAULT_OUT_DIR = "deprune_out"  # where `deprune prune` writes the outputs whose paths are not given
+DEFAULT_OUT_NAME = "pruned.pt"
 RECALIBRATION_BATCHES = 20  # batches of training data for BatchNorm recalibration after pruning
 
 
@@ -131,7 +138,11 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
                    help="DW tap importance: |w| (the paper) or |w| x fraction of outputs where the tap reads "
                         "real input (default: %(default)s)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="pruned.pt", help="output model file (default: %(default)s)")
+    g.add_argument("--out-dir", default=DEFAULT_OUT_DIR, metavar="DIR",
+                   help="folder of the outputs not given a path of their own, created when missing "
+                        f"(default: %(default)s: %(default)s/{DEFAULT_OUT_NAME} and its figure)")
+    g.add_argument("--out", default=None, metavar="PATH",
+                   help=f"output model file, used as given (default: OUT_DIR/{DEFAULT_OUT_NAME})")
     g.add_argument("--figure", default=None, metavar="PATH.png", help="report figure (default: next to --out)")
     g.add_argument("--no-figure", action="store_true", help="do not write the figure")
     g.add_argument("--latency-batch", type=_int_at_least(1), default=32, help="(default: %(default)s)")
@@ -205,14 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "(unpickling can run code from the file). Default: weights only")
     p.set_defaults(func=run_inspect)
     p = sub.add_parser("export", help="write a saved pruned model as a checked ONNX file or OpenVINO IR",
-                       description="Masks made permanent, BatchNorm folded, dynamic batch and spatial size; the "
-                                   "written file is run in ONNX Runtime / OpenVINO and compared with the model.")
+                       description="Masks made permanent, BatchNorm folded, dynamic batch and spatial size (or one "
+                                   "fixed input size with --static); the written file is run in ONNX Runtime / "
+                                   "OpenVINO and compared with the model, and deleted when they disagree.")
     p.add_argument("path", help="a file written by `deprune prune` (or deprune_plugin.save)")
     p.add_argument("--format", default="onnx", choices=["onnx", "openvino"], help="(default: %(default)s)")
     p.add_argument("--out", default=None, help="output file (default: PATH with .onnx, or .xml for openvino)")
     p.add_argument("--input-size", type=_int_at_least(8), default=None,
                    help="image size to trace with (default: the size stored in the file)")
-    p.add_argument("--no-check", action="store_true", help="do not run the written file against the model")
+    p.add_argument("--static", action="store_true",
+                   help="one fixed input shape (batch 1, --input-size or the stored size) instead of dynamic batch "
+                        "and spatial size: for models whose output depends on the input size in a way a dynamic "
+                        "file cannot follow")
+    p.add_argument("--no-check", action="store_true",
+                   help="with --static only: do not run the written file against the model (a dynamic file must "
+                        "be checked, at a second batch and size too)")
     p.add_argument("--trusted", action="store_true",
                    help="allow full unpickling for a file that needs it; ONLY for files you made")
     p.set_defaults(func=run_export)
@@ -301,12 +319,12 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-_PRUNE_DOC = """\
+_PRUNE_DOC = f"""\
 Prune a DSConv CNN with DEPrune and fine-tune it.
 
 Example (a few minutes on a laptop CPU, built-in digits data, nothing downloaded):
-  deprune prune --model mobilenetv2_100 --dw 0.78 --pw 0.5 --out pruned.pt
-  python -c "from deprune_plugin import load; m = load('pruned.pt')"
+  deprune prune --model mobilenetv2_100 --dw 0.78 --pw 0.5     # writes {DEFAULT_OUT_DIR}/pruned.pt and pruned.png
+  python -c "from deprune_plugin import load; m = load('{DEFAULT_OUT_DIR}/pruned.pt')"
 """
 
 
@@ -330,6 +348,40 @@ def _check_writable(path: str, what: str) -> None:
         _fail(f"cannot write {what} {path!r}: {e.strerror or e}")
 
 
+def _check_creatable_dir(path: str, what: str) -> None:
+    """Fail unless ``path`` is a folder that accepts files or can be made one. Nothing is created here (a
+    failed run writes nothing): its nearest existing ancestor must be a folder that accepts files."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        _fail(f"cannot write {what} {path!r}: {probe!r} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".deprune-write-test-"):
+            pass
+    except OSError as e:
+        _fail(f"cannot write {what} {path!r}: {e.strerror or e}")
+
+
+def _check_input_file(path: str, what: str) -> None:
+    """Fail unless ``path`` is an existing file; a folder is named as one (not as a missing file)."""
+    if os.path.isdir(path):
+        _fail(f"{what} {path!r} is a directory, not a file")
+    if not os.path.isfile(path):
+        _fail(f"{what} {path!r} does not exist")
+
+
+def _load_failure(path: str, what: str, error: Exception) -> NoReturn:
+    """Report a file that could not be loaded: a file that is no PyTorch file at all says so (torch's own
+    error would suggest full unpickling, which cannot help)."""
+    from ..core.checks import torch_file_problem
+
+    problem = torch_file_problem(path)
+    if problem is not None:
+        _fail(f"{what} {path!r} is {problem}")
+    _fail(f"cannot load {what} {path!r}: {type(error).__name__}: {_one_line(error)}")
+
+
 def _state_dict_from(obj: Any, path: str) -> dict:
     if isinstance(obj, dict) and obj.get("format", "").startswith("deprune-"):
         _fail(f"checkpoint {path!r} is an already pruned deprune_plugin model; load it with "
@@ -351,8 +403,16 @@ def _load_checkpoint(model, path: str) -> str | None:
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        from ..core.checks import torch_file_problem
+
+        if torch_file_problem(path) is None:  # a real pickle with objects beyond tensors: say so, not torch's advice
+            _fail(f"checkpoint {path!r} holds more than tensors and plain data (e.g. a whole pickled model), and "
+                  "reading it would need full unpickling, which can run code from the file; save and pass "
+                  "model.state_dict() instead")
+        _load_failure(path, "checkpoint", e)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input problem
-        _fail(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _load_failure(path, "checkpoint", e)
     state = _state_dict_from(obj, path)
     own = model.state_dict()
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
@@ -385,6 +445,7 @@ class _PruneSetup:
     model: Any
     pruner: Any
     pretrain_epochs: int
+    out: str
     figure: str | None
     note: str | None
 
@@ -402,11 +463,17 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
         device = resolve_device(args.device)
     except ValueError as e:
         _fail(str(e))
-    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
-        _fail(f"checkpoint {args.checkpoint!r} does not exist")
-    _check_writable(args.out, "--out")
-    figure = None if args.no_figure else (args.figure or os.path.splitext(args.out)[0] + ".png")
-    if figure is not None:
+    if args.checkpoint is not None:
+        _check_input_file(args.checkpoint, "checkpoint")
+    if args.out is None:  # made at save time, so that a run that fails before writes nothing
+        _check_creatable_dir(args.out_dir, "--out-dir")
+        out = os.path.join(args.out_dir, DEFAULT_OUT_NAME)
+    else:
+        _check_writable(args.out, "--out")
+        out = args.out
+    figure = None if args.no_figure else (args.figure or os.path.splitext(out)[0] + ".png")
+    # A default figure in an --out-dir still to be made is covered by the check of that folder.
+    if figure is not None and (args.figure is not None or os.path.isdir(os.path.dirname(os.path.abspath(figure)))):
         _check_writable(figure, "--figure")
     try:
         train_loader, test_loader, num_classes = make_loaders(args.data, args.image_size, args.batch_size,
@@ -441,7 +508,7 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
     skipped = skipped_images(train_loader) + skipped_images(test_loader)
     if skipped:
         _warn(f"skipped {len(skipped)} unreadable image(s) of {args.data!r}, e.g. {skipped[0]}")
-    return _PruneSetup(device, train_loader, test_loader, num_classes, model, pruner, pretrain, figure, note)
+    return _PruneSetup(device, train_loader, test_loader, num_classes, model, pruner, pretrain, out, figure, note)
 
 
 # ---------------------------------------------------------------------------------------------- prune
@@ -564,7 +631,8 @@ def _prune(args: argparse.Namespace) -> int:
 
     def write() -> bool:
         """Save the model, then the figure; a figure that fails is a warning. Returns figure written."""
-        save(model, args.out, history=pruner.pruning_history(), arch=arch,
+        os.makedirs(os.path.dirname(os.path.abspath(s.out)), exist_ok=True)  # --out-dir may not exist yet
+        save(model, s.out, history=pruner.pruning_history(), arch=arch,
              input_shape=(1, 3, args.image_size, args.image_size), extra=extra)
         if not s.figure:
             return False
@@ -593,7 +661,7 @@ def _prune(args: argparse.Namespace) -> int:
     if latency:
         print("latency ({} batch {}, median): {}".format(dev.type, args.latency_batch, ", ".join(
             f"{k} {v:.2f} ms" for k, v in latency.items())))
-    print(f"saved {args.out}" + (f", figure {s.figure}" if figure_ok else ""))
+    print(f"saved {s.out}" + (f", figure {s.figure}" if figure_ok else ""))
     return 0
 
 
@@ -611,13 +679,12 @@ def inspect_report(path: str, trusted: bool = False) -> dict[str, Any]:
     from ..core.method import kept_per_range, real_ratio
     from ..tp_glue.serialization import load, load_extra
 
-    if not os.path.isfile(path):
-        _fail(f"no such file: {path!r}")
+    _check_input_file(path, "file")
     try:
         model = load(path, trusted=trusted)
         extra = load_extra(path, trusted=trusted)
     except Exception as e:  # noqa: BLE001 - corrupt / foreign / untrusted files are input problems
-        _fail(f"cannot load {path!r}: {type(e).__name__}: {_one_line(e)}")
+        _load_failure(path, "file", e)
     group = int(extra.get("group_size", 32))
     targets = extra.get("dw_targets", {})
     layers = []
@@ -680,11 +747,15 @@ def run_export(args: argparse.Namespace) -> int:
     """``deprune export PATH --format onnx|openvino``. Returns the exit status."""
     import torch
 
-    from ..accel import EXPORT_FORMATS, export
+    from ..accel import EXPORT_FORMATS, ExportCheckFailed, export
     from ..tp_glue.serialization import load, saved_input_shape
 
-    if not os.path.isfile(args.path):
-        _fail(f"no such file: {args.path!r}")
+    if args.no_check and not args.static:
+        # Only the check at a second batch and size shows whether a dynamic file is right at other sizes.
+        _fail("--no-check needs --static: a dynamic file (any batch and image size) is only written after it "
+              "was checked at a second batch and size; use --static --input-size N for an unchecked file of one "
+              "fixed shape")
+    _check_input_file(args.path, "file")
     out = args.out or os.path.splitext(args.path)[0] + EXPORT_FORMATS[args.format][0]
     if not out.endswith(EXPORT_FORMATS[args.format][0]):
         _fail(f"--out {out!r}: a {args.format} file must end in {EXPORT_FORMATS[args.format][0]!r}")
@@ -693,14 +764,25 @@ def run_export(args: argparse.Namespace) -> int:
         model = load(args.path, trusted=args.trusted)
         shape = saved_input_shape(args.path, trusted=args.trusted) or [1, 3, 224, 224]
     except Exception as e:  # noqa: BLE001 - corrupt / foreign / untrusted files are input problems
-        _fail(f"cannot load {args.path!r}: {type(e).__name__}: {_one_line(e)}")
+        _load_failure(args.path, "file", e)
     if args.input_size:
         shape[-2:] = [args.input_size, args.input_size]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, *shape[1:], generator=g)
-    export(model, out, format=args.format, example_inputs=x, check=not args.no_check)
-    print(f"wrote {out}" + ("" if args.no_check else f" (checked against the model at {'x'.join(map(str, x.shape))} "
-                                                     "and another batch/size)"))
+    size = "x".join(map(str, x.shape))
+    try:
+        export(model, out, format=args.format, example_inputs=x, dynamic=not args.static, check=not args.no_check)
+    except ExportCheckFailed as e:  # the file disagreed with the model: the settings, not our code, must change
+        tries = ["--input-size N (the image size the model is meant for)"]
+        if not args.static:
+            tries.append(f"--static (one fixed input shape, {size})")
+        _fail(f"refused {out!r}: {_one_line(e)}; try {' or '.join(tries)}")
+    if args.no_check:
+        print(f"wrote {out} (static {size}, not checked)")
+    elif args.static:
+        print(f"wrote {out} (static {size}, checked against the model)")
+    else:
+        print(f"wrote {out} (checked against the model at {size} and another batch/size)")
     return 0
 
 
@@ -709,14 +791,24 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` while ``main`` runs: one line like :func:`_warn`'s. Python's default adds
+    the file, line number and source line of the call, which mean nothing to a user of the command."""
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr if file is None else file, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``deprune``; returns the exit status (2 = bad input, 1 = internal error).
+    """Entry point of ``deprune``; returns the exit status (2 = bad input or an exported file its check
+    refused, 1 = internal error).
 
     ``--debug`` (anywhere on the command line) or ``DEPRUNE_DEBUG=1`` lets internal errors raise with
     their traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning  # for this call only: a caller's own way of showing them comes back
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -732,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: internal error: {type(e).__name__}: {_one_line(e)} (run again with --debug or "
               f"{DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

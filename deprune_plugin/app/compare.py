@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
@@ -159,7 +160,8 @@ class RunResult:
     top1_finetuned: float
 
 
-def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm) -> list[RunResult]:
+def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm, done: int = 0) -> list[RunResult]:
+    """The runs of one seed; ``done``: runs finished before it (for the plain progress lines)."""
     dev = resolve_device(cfg.device)
     train_loader, test_loader, num_classes = make_loaders(cfg.data, cfg.image_size, cfg.batch_size, cfg.limit, seed)
     torch.manual_seed(seed)
@@ -192,6 +194,9 @@ def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm) -> list[RunResult]:
         results.append(RunResult(method, seed, cost.macs, cost.params, top1_pruned, recal,
                                  evaluate(model, test_loader, dev, True)))
         bar.update(1)
+        if bar.disable and not cfg.quiet:  # no bar in a log: one plain line per finished run instead
+            print(f"compare: {done + len(results)}/{len(cfg.seeds) * len(cfg.methods)} seed {seed} {method}: top-1 "
+                  f"{results[-1].top1_finetuned:.2f}%", file=sys.stderr, flush=True)
     return results
 
 
@@ -217,9 +222,10 @@ def summarize(runs: Sequence[RunResult], methods: Sequence[str]) -> list[dict[st
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Run the comparison; returns ``{"config", "runs": [...], "summary": [...]}`` (JSON-ready)."""
     runs: list[RunResult] = []
-    with tqdm(total=len(cfg.seeds) * len(cfg.methods), desc="compare", disable=cfg.quiet) as bar:
+    # disable=None: no bar unless stderr is a terminal (in a log, its \r updates pile up into one line)
+    with tqdm(total=len(cfg.seeds) * len(cfg.methods), desc="compare", disable=cfg.quiet or None) as bar:
         for seed in cfg.seeds:
-            runs.extend(_one_seed(cfg, seed, bar))
+            runs.extend(_one_seed(cfg, seed, bar, len(runs)))
     config = asdict(cfg)
     config["seeds"], config["methods"] = list(cfg.seeds), list(cfg.methods)
     return {"config": config, "runs": [asdict(r) for r in runs],

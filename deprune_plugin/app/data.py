@@ -150,7 +150,9 @@ def _drop_unreadable(ds: Dataset, what: str) -> Dataset:
     from tqdm.auto import tqdm
 
     keep, bad = [], []
-    for i in tqdm(range(len(ds)), desc=f"checking {what} images", leave=False, disable=len(ds) < 2000):
+    # disable=None: no bar unless stderr is a terminal (in a log, its \r updates pile up into one line)
+    for i in tqdm(range(len(ds)), desc=f"checking {what} images", leave=False,
+                  disable=True if len(ds) < 2000 else None):
         src, j = _image_source(ds, i)
         path = src.samples[j][0]
         if _readable(path):

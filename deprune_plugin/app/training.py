@@ -7,6 +7,7 @@ pruned depth-wise taps stay exactly zero. Each call builds a fresh optimizer, wh
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn as nn
@@ -86,7 +87,8 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
         epochs: number of passes over ``loader`` (0 = nothing to do).
         lr: peak learning rate.
         device: where to train (``"auto"`` allowed, see :func:`resolve_device`).
-        quiet: hide the progress bar.
+        quiet: hide the progress bar (and, where stderr is not a terminal, the one line per epoch that
+            stands in for it there).
         schedule: ``"cosine"`` (per iteration, to 0), ``"step"`` or ``"constant"``.
         momentum, weight_decay: SGD settings.
         desc: progress-bar label.
@@ -115,7 +117,8 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
     sched = _scheduler(opt, schedule, epochs * steps)
     loss_fn = nn.CrossEntropyLoss()
     history = []
-    bar = tqdm(total=epochs * steps, desc=desc, disable=quiet, leave=False)
+    # disable=None: no bar unless stderr is a terminal (in a log, its \r updates pile up into one line)
+    bar = tqdm(total=epochs * steps, desc=desc, disable=quiet or None, leave=False)
     try:
         for epoch in range(epochs):
             total, count = 0.0, 0
@@ -139,6 +142,8 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05,
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.3f}")
             history.append(total / max(count, 1))
+            if bar.disable and not quiet:  # no bar in a log: one plain line per epoch says it is alive
+                print(f"{desc}: epoch {epoch + 1}/{epochs}, loss {history[-1]:.3f}", file=sys.stderr, flush=True)
             if not math.isfinite(history[-1]):
                 raise FloatingPointError(f"training diverged (loss {history[-1]}) in epoch {epoch + 1}; lower lr")
     finally:
@@ -153,7 +158,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device = 
     dev = resolve_device(device)
     model.to(dev).eval()
     correct, count = 0, 0
-    for x, y in tqdm(loader, desc=desc, disable=quiet, leave=False):
+    # disable=None: no bar unless stderr is a terminal (in a log, its \r updates pile up into one line)
+    for x, y in tqdm(loader, desc=desc, disable=quiet or None, leave=False):
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         correct += int((model(x).argmax(dim=1) == y).sum())
         count += len(y)

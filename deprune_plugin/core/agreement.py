@@ -29,13 +29,17 @@ class Agreement:
     reason: str = ""
 
 
-def agreement(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None) -> Agreement:
+def agreement(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = None,
+              slack: float = 0.0) -> Agreement:
     """Compare ``got`` with ``ref``: shapes equal, the same non-finite positions, and every finite element
-    within ``rtol * |ref| + rtol * max|ref|`` where ``rtol = RTOL[dtype or ref.dtype]``.
+    within ``rtol * |ref| + rtol * max|ref| + slack`` where ``rtol = RTOL[dtype or ref.dtype]``.
 
     The second term keeps elements near zero (where a relative test is meaningless) to the rounding that the
-    layer's scale implies.
+    layer's scale implies. ``slack`` (an absolute error, >= 0) widens the bound where the reference itself is
+    known to be that far from exact (see :mod:`deprune_plugin.accel.selfcheck`).
     """
+    if not slack >= 0.0:  # also rejects NaN
+        raise ValueError(f"slack must be a number >= 0, got {slack!r}")
     if not isinstance(got, torch.Tensor) or not isinstance(ref, torch.Tensor):
         return Agreement(False, float("inf"), 0.0, f"not tensors: {type(got).__name__} vs {type(ref).__name__}")
     if got.shape != ref.shape:
@@ -49,10 +53,11 @@ def agreement(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | None = 
         scale = float(r[fin_r].abs().max())
         err = (g - r).abs()[fin_r]
         max_err = float(err.max())
-        bound = rtol * (r.abs()[fin_r] + scale)
+        bound = rtol * (r.abs()[fin_r] + scale) + slack
         if bool((err > bound).any()):
+            extra = f", slack {slack:.3g}" if slack else ""
             return Agreement(False, max_err, scale, f"max abs err {max_err:.3g} at output scale {scale:.3g} "
-                                                    f"(rtol {rtol:g} for {dtype or ref.dtype})")
+                                                    f"(rtol {rtol:g} for {dtype or ref.dtype}{extra})")
         return Agreement(True, max_err, scale)
     same = torch.equal(torch.nan_to_num(g), torch.nan_to_num(r))
     return Agreement(same, 0.0 if same else float("inf"), 0.0, "" if same else "non-finite values differ")

@@ -6,6 +6,7 @@ user's model untouched.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any, Sequence
 
 
@@ -42,3 +43,28 @@ def pair(value: int | Sequence[int], name: str, minimum: int) -> tuple[int, int]
     if min(vals) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return int(vals[0]), int(vals[1])
+
+
+#: How every file ``torch.save`` writes begins: a zip archive (the default since torch 1.6) or a pickle
+#: (the legacy format; protocol 2 and later open with the PROTO opcode).
+TORCH_FILE_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def torch_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a file ``torch.save`` wrote, judged by its first bytes, or ``None`` if it could be.
+
+    Meant for after ``torch.load`` failed: a text or foreign file otherwise surfaces as torch's unpickling
+    error, which reads as if full unpickling (``weights_only=False``) would help. Returns e.g. ``"not a
+    PyTorch file: it is empty"``, for the caller to put after the file's name.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None  # unreadable is another problem, reported by whoever opens it
+    if head.startswith(TORCH_FILE_MAGIC):
+        return None
+    if not head:
+        return "not a PyTorch file: it is empty"
+    return (f"not a PyTorch file: it starts with {head!r}, while torch.save writes a zip archive "
+            f"({TORCH_FILE_MAGIC[0]!r}) or a pickle ({TORCH_FILE_MAGIC[1]!r})")

@@ -61,7 +61,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
             bn.reset_running_stats()
             bn.momentum = None  # cumulative moving average: every batch weighs the same
             bn.train()
-        for item in tqdm(batches, total=num_batches, desc="recalibrate BN", disable=quiet, leave=False):
+        # disable=None: no bar unless stderr is a terminal (in a log, its \r updates pile up into one line)
+        for item in tqdm(batches, total=num_batches, desc="recalibrate BN", disable=quiet or None, leave=False):
             if num_batches is not None and used >= num_batches:
                 break
             x = item[0] if isinstance(item, (tuple, list)) else item

@@ -107,7 +107,8 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: in
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     samples: dict[str, list[float]] = {k: [] for k in candidates}
-    for _ in tqdm(range(reps), desc=desc, disable=quiet, leave=False):
+    # disable=None: no bar unless stderr is a terminal (in a log, its \r updates pile up into one line)
+    for _ in tqdm(range(reps), desc=desc, disable=quiet or None, leave=False):
         for name, fn in candidates.items():
             if gap_s > 0:
                 time.sleep(gap_s)

@@ -729,7 +729,8 @@ def _progress(items: list, enabled: bool, desc: str):
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc=desc, unit="variant", leave=False)
+    # disable=None: no bar unless stderr is a terminal (in a log, its \r updates pile up into one line)
+    return tqdm(items, desc=desc, unit="variant", leave=False, disable=None)
 
 
 _COLUMNS = [("layer", "layer", 18, "s"), ("kernel", "kern", 6, "s"), ("c", "C", 5, "d"), ("hw", "HxW", 9, "s"),
