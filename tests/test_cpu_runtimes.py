@@ -117,6 +117,25 @@ def test_auto_times_every_checked_runner_and_keeps_the_fastest_per_signature(pru
     assert {c.name for c in fast.dispatcher().cache.values()} == set(fast.choices.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_input_dtypes_are_cast_to_fp32_and_back_with_several_runtimes(pruned, dtype):
+    """The default CPU result holds several runners (torch among them): each input dtype is cast to fp32 for
+    whichever runs, the choice is the fp32 signature's, and outputs come back in the input's dtype."""
+    installed = [r for r in RUNTIME_NAMES if rt_mod.runtime_available(r)[0]]
+    if not installed:
+        pytest.skip("no CPU runtime installed")
+    fast = accelerate(pruned, example_inputs=torch.randn(1, 3, 64, 64), config=AccelerateConfig(select_reps=1))
+    assert isinstance(fast, RuntimeModel) and len(fast.runtimes) == len(installed)
+    x = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        got = fast(x.to(dtype))
+        ref = pruned(x.to(dtype).float())
+    assert got.dtype == dtype
+    tol = torch.float32 if dtype == torch.float64 else dtype  # computed in fp32, stored in dtype
+    assert agreement(got.float(), ref.to(dtype).float(), dtype=tol).ok
+    assert list(fast.choices) == [fast._key((torch.randn(1, 3, 64, 64),)), fast._key((x,))]  # fp32 keys only
+
+
 def test_a_runtime_that_disagrees_on_a_new_signature_is_dropped_there(pruned, monkeypatch):
     installed = [r for r in RUNTIME_NAMES if rt_mod.runtime_available(r)[0]]
     if not installed:
@@ -247,12 +266,49 @@ def test_export_that_disagrees_is_deleted_and_raises(pruned, tmp_path, monkeypat
     assert not path.exists()
 
 
+class _SizeFixed(nn.Module):
+    """Pads by an amount computed in Python from the input size (as TF "SAME" padding does): a traced graph
+    keeps the example's padding at every size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = int(x.shape[-1]) % 2
+        return self.conv(nn.functional.pad(x, (pad, 1, pad, 1))).mean((2, 3))
+
+
+def test_an_input_size_dependent_model_is_refused_dynamic_with_the_way_out_and_exported_static(tmp_path):
+    pytest.importorskip("onnxruntime")
+    m = _SizeFixed().eval()
+    x = torch.randn(1, 3, 40, 40)  # pads 0; the second check input is 49 wide and pads 1 in the model
+    path = tmp_path / "m.onnx"
+    with pytest.raises(RuntimeError, match="matches the model at the example input .*dynamic=False"):
+        export(m, path, example_inputs=x)
+    assert not path.exists()
+    assert export(m, path, example_inputs=x, dynamic=False) == path and path.exists()
+
+
+def test_a_dynamic_export_without_a_runtime_to_verify_it_is_refused_before_writing(pruned, tmp_path, monkeypatch):
+    import deprune_plugin.accel.exporter as export_mod
+
+    monkeypatch.setattr(export_mod, "runtime_available", lambda name: (False, f"{name} missing"))
+    with pytest.raises(RuntimeError, match="verified at a second input size"):
+        export(pruned, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.warns(RuntimeWarning, match="written but not checked"):
+        export(pruned, tmp_path / "m.onnx", dynamic=False)
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     ({"path": "m.pt"}, ValueError, "must end in '.onnx'"),
     ({"path": "missing/m.onnx"}, ValueError, "does not exist"),
     ({"format": "tflite"}, ValueError, "format must be one of"),
     ({"example_inputs": "image"}, TypeError, "example_inputs"),
     ({"path": 3}, TypeError, "path must be"),
+    ({"check": False}, ValueError, "never verified at a second input size"),
+    ({"dynamic": "yes"}, TypeError, "dynamic and check must be bools"),
 ])
 def test_bad_export_arguments_are_clear_errors_and_write_nothing(pruned, tmp_path, monkeypatch, kwargs, exc, match):
     monkeypatch.chdir(tmp_path)

@@ -1,6 +1,7 @@
 """HSR: ranking by beta, half over- / half under-aligned, masks aligned to the tile."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -32,6 +33,29 @@ def test_plan_never_over_aligns_to_zero_and_caps_restore():
     plan = hsr_plan([20, 40, 52], tile=32, limits=[24, 800, 800])
     assert plan[0].mark == "u" and plan[0].new_kept == 24  # capped at the range size
     assert [d.mark for d in plan] == ["u", "o", "u"]  # beta(40)=1/8 > beta(52)=1/20
+
+
+def test_plan_never_over_aligns_below_a_floor():
+    # K' = 144 (q=4, r=16) in both; "o" would keep 128 of 288 (55.6% pruned), past a 50% cap (floor 144)
+    plan = hsr_plan([144, 144], tile=32, limits=[288, 288], floors=[144, None])
+    assert [(d.mark, d.new_kept) for d in plan] == [("u", 160), ("o", 128)]
+    plan = hsr_plan([144, 144], tile=32, limits=[288, 288], floors=[144, 144])
+    assert [(d.mark, d.new_kept) for d in plan] == [("u", 160), ("u", 160)]  # neither may go down
+
+
+def test_plan_breaks_equal_betas_toward_the_total_before_hsr():
+    # uniform targets: four layers at K' = 139 (r = 11), the same beta; "o" takes 11, "u" adds 21 per range
+    kept, weights = [139] * 4, [1, 1, 30, 30]
+    plan = hsr_plan(kept, tile=32, weights=weights)
+    assert [d.mark for d in plan] == ["o", "u", "u", "o"]
+
+    def change(marks):
+        return sum(w * ((128 if x == "o" else 160) - 139) for x, w in zip(marks, weights))
+
+    choices = [["o" if i in pair else "u" for i in range(4)] for pair in itertools.combinations(range(4), 2)]
+    assert abs(change([d.mark for d in plan])) == min(abs(change(c)) for c in choices) == 310
+    # equal weights: layer order decides, as before
+    assert [d.mark for d in hsr_plan(kept, tile=32)] == ["o", "o", "u", "u"]
 
 
 def test_plan_uses_given_alpha():

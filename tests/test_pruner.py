@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import timm
@@ -381,3 +382,169 @@ def test_construction_searches_only_dw_and_pw_conv2_groups_and_a_step_only_the_t
     targets = set(p.structure.pw_target_layers)
     assert roots and all(r in targets for r in roots)
     assert len({id(r) for r in roots}) == len(p.structure.pw_group_roots) == 7
+
+
+# ---------------------------------------------------------------- head convs keep their width
+class _StreamBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc1 = nn.Conv2d(16, 64, 1)
+        self.fc2 = nn.Conv2d(64, 16, 1)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.dw(x))))
+
+
+class _StreamNet(nn.Module):
+    """Two blocks with the DW conv in the residual stream (ConvNeXt / FastViT style: DW -> 1x1 expand ->
+    1x1 back into the stream), then a head conv after the last block and the classifier. ``head="dense"``:
+    a 1x1 conv 16 -> 32; ``head="mobileone"``: FastViT's ``final_conv``, a 3x3 conv with two outputs per
+    input channel plus its 1x1 ``conv_scale`` branch (``groups == in_channels``)."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.blocks = nn.Sequential(_StreamBlock(), _StreamBlock())
+        self.head = head
+        if head == "dense":
+            self.head_conv = nn.Conv2d(16, 32, 1)
+        else:
+            self.head_conv = nn.Conv2d(16, 32, 3, padding=1, groups=16)
+            self.head_scale = nn.Conv2d(16, 32, 1, groups=16)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        y = self.head_conv(x) if self.head == "dense" else self.head_conv(x) + self.head_scale(x)
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+def _zero_tap_ratio(model: nn.Module) -> float:
+    """Fraction of zero taps over every DW-shaped conv the model holds now (what the weights say)."""
+    convs = [m for m in model.modules() if is_depthwise(m)]
+    return sum(int((m.weight == 0).sum()) for m in convs) / sum(m.weight.numel() for m in convs)
+
+
+@pytest.mark.parametrize("head", ["dense", "mobileone"])
+def test_head_conv_after_the_last_block_keeps_its_width(head):
+    m = _StreamNet(head)
+    x = torch.randn(2, 3, 8, 8)
+    p = DEPruner(m, x, dw_pruning_ratio=0.5, pw_pruning_ratio=0.5, variant="B", ignored_layers=[m.fc])
+    assert m.head_conv not in p.structure.pw_target_layers
+    p.step()
+    assert [b.fc1.out_channels for b in m.blocks] == [32, 32]  # the MLP hidden widths are the PW-conv2 targets
+    assert m.head_conv.out_channels == 32 and m.fc.in_features == 32
+    if head == "mobileone":
+        assert m.head_scale.out_channels == 32 and not is_depthwise(m.head_conv)  # never turned into a DW conv
+    assert [r.pw_names for r in p.summary()] == [["blocks.0.fc1"], ["blocks.1.fc1"]]
+    assert p.summary().dw_ratio == pytest.approx(_zero_tap_ratio(m), abs=1e-9) == pytest.approx(0.5, abs=0.01)
+    assert m(x).shape == (2, 4)
+
+
+@pytest.mark.slow
+def test_fastvit_head_conv_is_untouched_and_the_summary_counts_what_the_weights_hold():
+    m = timm.create_model("fastvit_t8", pretrained=False, num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    p = DEPruner(m, x, dw_pruning_ratio=0.78, pw_pruning_ratio=0.5, ignored_layers=[m.get_classifier()])
+    p.step()
+    assert m.final_conv.conv_kxk[0].conv.out_channels == 768 and m.final_conv.conv_scale.conv.out_channels == 768
+    assert m.get_classifier().in_features == 768
+    assert m.stages[3].blocks[1].mlp.fc1.out_channels < 384 * 3  # the MLP hidden widths are pruned
+    assert p.summary().dw_ratio == pytest.approx(_zero_tap_ratio(m), abs=1e-9)
+    m.eval()
+    assert m(x).shape == (1, 10)
+
+
+# ---------------------------------------------------------------- caps are caps; deviations are reported
+def _range_ratios(conv: nn.Module) -> list[float]:
+    keep = tap_mask(conv)
+    return [1 - int(keep[s:s + 32].sum()) / keep[s:s + 32].numel() for s in range(0, keep.shape[0], 32)]
+
+
+@pytest.mark.parametrize("global_pruning", [True, False])
+def test_hsr_never_passes_max_pruning_ratio(global_pruning):
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.78, pw_pruning_ratio=0.0, variant="BH", global_pruning=global_pruning,
+                 max_pruning_ratio=0.5, ignored_layers=[m.get_classifier()])
+    with pytest.warns(UserWarning, match=r"model-wide DW ratio is 44\.47%, not the requested 78\.00% .*cap in 17 "
+                                         r"layers \(-28\.00 points\); HSR u in 17 layers \(-5\.53 points\)"):
+        p.step()
+    ratios = [r for mod in m.modules() if is_depthwise(mod) for r in _range_ratios(mod)]
+    assert max(ratios) <= 0.5  # before: "o" took K' 144 -> 128 in half the layers, 55.6% under a 50% cap
+    s = p.summary()
+    assert s.dw_hsr_pattern == "17u0o" and {r.kept_per_range[0] for r in s} == {160}
+    assert all(r.note.startswith("cap: max_pruning_ratio=0.5 (asked 78.00%); HSR u: K' 144 -> 160") for r in s)
+    assert "DW ratio 44.47% (asked 78.00%: cap in 17 layers" in s.table()
+
+
+def test_pw_hsr_never_passes_max_pruning_ratio():
+    def two_streams():  # two PW-conv2 groups of 80 channels: 50% keeps 40 = 32 + 8 in both
+        return nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.Conv2d(16, 80, 1),
+                             nn.Conv2d(80, 96, 1), nn.Conv2d(96, 96, 3, padding=1, groups=96), nn.Conv2d(96, 80, 1),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(80, 4))
+
+    m = two_streams()
+    DEPruner(m, XT, dw_pruning_ratio=0.0, pw_pruning_ratio=0.5, ignored_layers=[m[8]]).step()
+    assert sorted((m[2].out_channels, m[5].out_channels)) == [32, 64]  # HSR on PW: one group down, one up
+    m = two_streams()
+    DEPruner(m, XT, dw_pruning_ratio=0.0, pw_pruning_ratio=0.5, max_pruning_ratio=0.5, ignored_layers=[m[8]]).step()
+    assert (m[2].out_channels, m[5].out_channels) == (64, 64)  # 32 of 80 would prune 60% > 50%: both go up
+    assert m(XT).shape == (2, 4)
+
+
+def test_iterative_bh_steps_land_on_the_schedule():
+    m = mbv2()
+    p = DEPruner(m, X, dw_pruning_ratio=0.78, pw_pruning_ratio=0.0, variant="BH", iterative_steps=3,
+                 ignored_layers=[m.get_classifier()])
+    got = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within 1 point of the schedule: nothing to report
+        for _ in range(3):
+            p.step()
+            got.append(_zero_tap_ratio(m))  # what summary().dw_ratio says, without its MAC count
+    # HSR "u" adds 21 of 32 columns per range where "o" takes 11: before, the 8 "o" layers were the narrowest
+    # (layer order among equal betas) and step 2 ended at 46.57%; now the widest go "o"
+    assert got == pytest.approx([0.2573, 0.5195, 0.7778], abs=5e-5)
+    assert all(abs(g - t) <= 0.01 for g, t in zip(got, [0.26, 0.52, 0.78]))
+
+
+def test_a_deviation_is_warned_and_noted_with_its_reason():
+    def model():  # one unaligned layer: 1x5 taps, K' = 36 of 160 per range at 78% -> HSR "u" to 64 (60%), alone
+        return nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, (1, 5), padding=(0, 2), groups=32),
+                             nn.Conv2d(32, 2, 1), nn.Conv2d(2, 2, 3, padding=1, groups=2), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(2, 4))
+
+    m = model()
+    p = DEPruner(m, XT, dw_pruning_ratio=0.78, pw_pruning_ratio=0.0, ignored_layers=[m[6]])
+    with pytest.warns(UserWarning, match=r"model-wide DW ratio is 61\.80%, not the requested 78\.00% \(step 1 of 1\): "
+                                         r"HSR u in 1 layer \(-16\.18 points\); summary\(\) notes each layer"):
+        p.step()
+    s = p.summary()
+    assert [(r.real_ratio, r.asked_ratio, r.note) for r in s] == [
+        (pytest.approx(0.6), 0.78, "HSR u: K' 36 -> 64 per range (tile 32)"),
+        (pytest.approx(14 / 18), 0.78, "")]  # 2 channels of 3x3: 14 of 18 taps, 77.8%: rounding only
+    # 110 of 178 taps pruned; the u layer holds 160 of them: (60% - 78%) * 160 / 178 = -16.18 points
+    assert s.deviation == (pytest.approx(0.78), pytest.approx(110 / 178), "HSR u in 1 layer (-16.18 points)")
+    lines = s.table().splitlines()
+    assert lines[2].endswith("HSR u: K' 36 -> 64 per range (tile 32)") and lines[3].endswith("-")
+    assert "DW ratio 61.80% (asked 78.00%: HSR u in 1 layer (-16.18 points))" in lines[-2]
+    m = model()  # a layer too small for its ratio: 18 taps at 55% keep 9 (50%)
+    p = DEPruner(m, XT, dw_pruning_ratio=0.78, pw_pruning_ratio=0.0, dw_pruning_ratio_dict={m[3]: 0.55},
+                 ignored_layers=[m[6]])
+    with pytest.warns(UserWarning, match="HSR u in 1 layer"):
+        p.step()
+    assert p.summary()[1].note == "too few taps: a range of 18 taps rounds in steps of 5.6%"
+
+
+@pytest.mark.slow
+def test_ghostnetv2_lands_within_a_point_of_the_asked_ratio():
+    m = timm.create_model("ghostnetv2_100", pretrained=False, num_classes=10)
+    p = DEPruner(m, torch.randn(1, 3, 64, 64), dw_pruning_ratio=0.78, pw_pruning_ratio=0.0,
+                 ignored_layers=[m.get_classifier()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.step()
+    s = p.summary()
+    assert s.dw_ratio == pytest.approx(0.78, abs=0.01) and s.deviation is None  # before: 70.3%, no word
+    assert s.dw_hsr_pattern == "16u15o"

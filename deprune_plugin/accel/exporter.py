@@ -7,7 +7,10 @@ remains for the runtime to fold or, worse, fail to fold). Batch is dynamic, and 
 4-D inputs. After writing, the file is run in a CPU runtime (ONNX Runtime for ONNX, OpenVINO for IR; the
 other one when that one is not installed) on the example input and on a second input of another batch
 and spatial size where the model accepts one; a file that disagrees with the model is deleted and the
-call raises.
+call raises. A dynamic file is only written where it can be verified at that second size: a model whose
+output depends on the input size in a way the traced graph fixes (TF "SAME" padding computed in Python,
+fixed-size reshapes) matches at the example size only, and is refused with the way out, a fixed-size
+file (``dynamic=False``).
 """
 from __future__ import annotations
 
@@ -20,11 +23,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..core.agreement import agreement
 from ..core.masks import remove_tap_masks
 from .api import AccelerateConfig, _default_inputs, accelerate
 from .runtimes import RUNTIMES, runtime_available, to_onnx
-from .selfcheck import check_inputs
+from .selfcheck import check_inputs, outputs_agree
 
 __all__ = ["EXPORT_FORMATS", "ExportCheckFailed", "export"]
 
@@ -43,7 +45,13 @@ class ExportCheckFailed(RuntimeError):
     size), differently from a failure of the code."""
 
 
-def _check_args(model: nn.Module, path: str | os.PathLike, format: str, example_inputs) -> tuple[Path, tuple | None]:
+def _check_runtime(format: str) -> str | None:
+    """The runtime that checks files of ``format``, or ``None`` when none is installed."""
+    return next((r for r in EXPORT_FORMATS[format][1] if r in RUNTIMES and runtime_available(r)[0]), None)
+
+
+def _check_args(model: nn.Module, path: str | os.PathLike, format: str, example_inputs, dynamic: bool,
+                check: bool) -> tuple[Path, tuple | None]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if format not in EXPORT_FORMATS:
@@ -58,6 +66,15 @@ def _check_args(model: nn.Module, path: str | os.PathLike, format: str, example_
         raise ValueError(f"path {str(path)!r}: directory {str(path.parent)!r} does not exist")
     if format == "openvino" and not runtime_available("openvino")[0]:
         raise RuntimeError(f"format='openvino': {runtime_available('openvino')[1]}")
+    if not isinstance(dynamic, bool) or not isinstance(check, bool):
+        raise TypeError(f"dynamic and check must be bools, got {dynamic!r}, {check!r}")
+    if dynamic and not check:
+        raise ValueError("check=False with dynamic=True would write a dynamic file never verified at a second "
+                         "input size; keep check=True, or pass dynamic=False for a fixed-size file")
+    if dynamic and _check_runtime(format) is None:
+        raise RuntimeError(f"a dynamic {format} file must be verified at a second input size and no runtime to "
+                           "run it is installed (pip install 'deprune-plugin[cpu]'); or pass dynamic=False for a "
+                           "fixed-size file, written unchecked with a warning")
     if example_inputs is None:
         return path, None
     if isinstance(example_inputs, torch.Tensor):
@@ -90,18 +107,21 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
             weights is written beside it).
         format: ``"onnx"`` or ``"openvino"``.
         example_inputs: an input to trace with; default a ``[1, C, 64, 64]`` random image (seeded).
-        dynamic: dynamic batch and (for 4-D inputs) spatial axes.
-        check: run the written file in a CPU runtime against ``model`` (see the module doc). With no
-            runtime installed to check it, one warning says the file is unchecked.
+        dynamic: dynamic batch and (for 4-D inputs) spatial axes. Needs ``check`` and a runtime to verify
+            the file at a second input size.
+        check: run the written file in a CPU runtime against ``model`` (see the module doc). With
+            ``dynamic=False`` and no runtime installed to check it, one warning says the file is unchecked.
 
     Returns:
         ``path``.
 
     Raises:
-        TypeError / ValueError naming the argument, before anything is written; RuntimeError when the
-        written file disagrees with the model (the file is deleted).
+        TypeError / ValueError naming the argument, and RuntimeError for a dynamic file no installed runtime
+        can verify, before anything is written; :class:`ExportCheckFailed` (a RuntimeError) when the
+        written file disagrees with the model (the file is deleted), saying when the model is input-size
+        dependent.
     """
-    path, example_inputs = _check_args(model, path, format, example_inputs)
+    path, example_inputs = _check_args(model, path, format, example_inputs, dynamic, check)
     source = copy.deepcopy(model).float().cpu().eval()
     remove_tap_masks(source)  # permanent: pruned taps are exact zeros in plain conv weights
     if example_inputs is None:
@@ -124,7 +144,7 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
 
 
 def _check_file(source: nn.Module, path: Path, format: str, example_inputs: tuple, dynamic: bool) -> None:
-    runtime = next((r for r in EXPORT_FORMATS[format][1] if r in RUNTIMES and runtime_available(r)[0]), None)
+    runtime = _check_runtime(format)
     if runtime is None:
         warnings.warn(f"deprune_plugin.export: {path} written but not checked: no runtime installed to run it "
                       "(pip install 'deprune-plugin[cpu]')", RuntimeWarning, stacklevel=3)
@@ -133,17 +153,23 @@ def _check_file(source: nn.Module, path: Path, format: str, example_inputs: tupl
     if not dynamic:
         inputs = inputs[:1]
     session = None
-    for item in inputs:
+    for k, item in enumerate(inputs):
         try:
             session = session or RUNTIMES[runtime].build(str(path), torch.get_num_threads())  # the file, as written
-            got = _run_file(session, item.args)
-            ref = item.expected if isinstance(item.expected, (tuple, list)) else [item.expected]
-            bad = next((a.reason for g, r in zip(got, ref) for a in [agreement(g, r.float())] if not a.ok),
-                       None if len(got) == len(ref) else "output count differs")
+            ok, bad = outputs_agree(lambda *a, s=session: _run_file(s, a), [item])
         except Exception as e:  # noqa: BLE001 - a file the runtime cannot run is as wrong as one that disagrees
-            bad = f"{type(e).__name__}: {e}"
-        if bad is not None:
+            ok, bad = False, f"{item.label}: {type(e).__name__}: {e}"
+        if not ok:
             for f in _written_files(path, format):
                 f.unlink(missing_ok=True)
-            raise ExportCheckFailed(f"export to {path} failed its check in {runtime} on the {item.label}: "
-                                    f"{bad} (file deleted)")
+            hint = ""
+            if k > 0:
+                hint = (f"; it matches the model at the example input {_shape(example_inputs)}, so the model's output "
+                        "depends on the input size in a way the traced graph fixes (e.g. TF 'SAME' padding): "
+                        "export a fixed-size file with dynamic=False")
+            raise ExportCheckFailed(f"export to {path} failed its check in {runtime} on the {bad} (file deleted)"
+                                    + hint)
+
+
+def _shape(args: tuple) -> str:
+    return "x".join(map(str, args[0].shape))

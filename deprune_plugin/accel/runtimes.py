@@ -154,6 +154,12 @@ def to_onnx(model: nn.Module, args: tuple, dynamic: bool = True) -> bytes:
     return buf.getvalue()
 
 
+def _cast_floating(out: Any, dtype: torch.dtype) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.to(dtype) if out.is_floating_point() else out
+    return type(out)(_cast_floating(o, dtype) for o in out)
+
+
 class RuntimeModel(nn.Module):
     """``eager``'s forward run by one or more CPU runtimes (see the module doc).
 
@@ -253,6 +259,11 @@ class RuntimeModel(nn.Module):
     def forward(self, *args: Any) -> Any:
         if self._runs_eagerly(args):
             return self.eager(*args)
+        dtype = args[0].dtype
+        if dtype.is_floating_point and dtype != torch.float32:
+            # every runner is fp32 (the runtimes' graph and the eager model alike): cast in and back out
+            args = tuple(a.float() if a.is_floating_point() else a for a in args)
+            return _cast_floating(self.forward(*args), dtype)
         if len(self.runtimes) == 1:
             return self.run_runtime(self.runtimes[0], *args)
         name = self.choices.get(self._key(args))

@@ -3,7 +3,9 @@
 Pruning changes what every BatchNorm after a pruned layer sees, while its running statistics still
 describe the unpruned network; evaluated as is, a pruned MobileNetV2 drops to chance before any fine-tuning.
 Re-estimating the statistics with a few forward passes (no gradients, no weight change) restores most
-of it.
+of it. A channel whose input never varies (a DW channel whose kept taps read only padding) would get
+variance 0, which makes BN divide rounding noise by ``sqrt(eps)``; such channels are folded into the BN's
+bias (:mod:`.constant_channels`).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
+
+from .constant_channels import ConstantChannelTracker, fold_constant_channels_
 
 __all__ = ["recalibrate_bn"]
 
@@ -22,13 +26,17 @@ def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None = None,
-                   device: torch.device | str | None = None, quiet: bool = True) -> nn.Module:
+                   device: torch.device | str | None = None, quiet: bool = True,
+                   fold_constant: bool = True) -> nn.Module:
     """Re-estimate every BatchNorm's running mean and variance of ``model`` in place; returns ``model``.
 
     The statistics are reset and re-accumulated as a cumulative (equal-weight) average over the batches
     (BN ``momentum=None``), with only the BatchNorm layers in training mode (dropout and drop-path stay
-    off, so the statistics match inference) and without gradients. Weights, biases, each BN's momentum and
-    every module's training flag are restored as they were.
+    off, so the statistics match inference) and without gradients. Each BN's momentum and every module's
+    training flag are restored as they were; weights and biases are unchanged except where
+    ``fold_constant`` folds a constant input channel (variance 0) into the BN's bias
+    (:func:`~deprune_plugin.core.constant_channels.fold_constant_channels_`: same output, no division by
+    ``sqrt(eps)``).
 
     Args:
         model: the (pruned) model.
@@ -37,6 +45,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
         num_batches: use at most this many batches (``None``: all).
         device: where to run (default: the model's parameters' device).
         quiet: hide the progress bar.
+        fold_constant: fold BN channels whose input was constant over every batch (see above).
 
     Raises:
         ValueError: ``num_batches`` < 1, or no usable batch (nothing to estimate from; the model is then
@@ -55,6 +64,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
     saved = [(bn, bn.momentum, bn.running_mean.clone(), bn.running_var.clone(),
               None if bn.num_batches_tracked is None else bn.num_batches_tracked.clone()) for bn in bns]
     used = 0
+    tracker = ConstantChannelTracker(model)
     try:
         model.eval()
         for bn in bns:
@@ -68,7 +78,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
             x = item[0] if isinstance(item, (tuple, list)) else item
             if x.shape[0] < 2:
                 continue
-            model(x.to(device, non_blocking=True))
+            with tracker:
+                model(x.to(device, non_blocking=True))
             used += 1
     except BaseException:
         _restore_stats(saved)
@@ -81,6 +92,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
     if used == 0:
         _restore_stats(saved)
         raise ValueError("recalibrate_bn got no batch of at least 2 samples: running statistics left unchanged")
+    if fold_constant:
+        fold_constant_channels_(model, tracker.constant())
     return model
 
 

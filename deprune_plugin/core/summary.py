@@ -12,7 +12,11 @@ class LayerRow:
     """One depth-wise conv and its block's PW-conv2.
 
     ``real_ratio`` is the minimum pruning ratio over balanced ranges (the paper's "Real DW");
-    ``kept_per_range`` lists K' of every range; ``hsr`` is "o", "u" or "-".
+    ``kept_per_range`` lists K' of every range; ``hsr`` is "o", "u" or "-". ``asked_ratio`` is what the
+    caller asked of the layer (``dw_pruning_ratio`` or its override; the model-wide ratio under global
+    pruning), ``target_ratio`` what pruning aimed at (after the cap and the global threshold), and ``note``
+    says why the layer's pruned fraction is more than 1 point off its target or below what was asked
+    (``""`` when it is not).
     """
 
     name: str
@@ -25,6 +29,17 @@ class LayerRow:
     pw_before: int
     pw_after: int
     pw_names: list[str] = field(default_factory=list)
+    asked_ratio: float | None = None
+    note: str = ""
+
+    @property
+    def taps(self) -> int:
+        return self.channels * self.kernel[0] * self.kernel[1]
+
+    @property
+    def pruned_fraction(self) -> float:
+        """Fraction of the layer's taps pruned (over all ranges, unlike ``real_ratio``)."""
+        return 1 - sum(self.kept_per_range) / self.taps if self.taps else 0.0
 
 
 def kept_str(kept: list[int]) -> str:
@@ -38,6 +53,38 @@ def kept_str(kept: list[int]) -> str:
         parts.append(f"{kept[i]}x{j - i}" if j - i > 1 else str(kept[i]))
         i = j
     return ",".join(parts)
+
+
+DEVIATION_POINTS = 0.01
+"""How far (as a fraction) the real DW ratio may be from the asked one before it is reported: a 3x3 range of
+32 channels rounds to 1/288, a partial range of 8 channels to 1/72."""
+
+
+def dw_deviation(rows: list[LayerRow]) -> tuple[float, float, str] | None:
+    """``(asked, real, why)`` when the model-wide DW ratio (taps-weighted) is more than
+    :data:`DEVIATION_POINTS` off the asked one, else ``None``. ``why`` names the causes from the layers'
+    notes, each with the number of layers and the points it moves the ratio, largest first."""
+    rows = [r for r in rows if r.asked_ratio is not None and r.taps]
+    total = sum(r.taps for r in rows)
+    if not total:
+        return None
+    asked = sum(r.asked_ratio * r.taps for r in rows) / total
+    real = sum(r.pruned_fraction * r.taps for r in rows) / total
+    if abs(asked - real) <= DEVIATION_POINTS:
+        return None
+    causes: dict[str, list[float]] = {}
+    for r in rows:
+        kinds = [part.split(":")[0] for part in r.note.split("; ") if part]
+        start = r.asked_ratio
+        if kinds and kinds[0] == "cap":  # the cap moves the layer to its target, the rest moves it from there
+            causes.setdefault("cap", []).append((r.target_ratio - start) * r.taps / total)
+            start, kinds = r.target_ratio, kinds[1:]
+        kind = kinds[0] if kinds else "rounding and per-layer targets"
+        causes.setdefault(kind, []).append((r.pruned_fraction - start) * r.taps / total)
+    ranked = sorted(causes.items(), key=lambda kv: -abs(sum(kv[1])))
+    why = "; ".join(f"{kind} in {len(moves)} layer{'s' * (len(moves) > 1)} ({100 * sum(moves):+.2f} points)"
+                    for kind, moves in ranked if abs(sum(moves)) >= 0.0005)
+    return asked, real, why
 
 
 def hsr_pattern(marks: list[str]) -> str:
@@ -82,17 +129,24 @@ class Summary:
         kept = sum(sum(r.kept_per_range) for r in self.rows)
         return 1 - kept / total if total else 0.0
 
+    @property
+    def deviation(self) -> tuple[float, float, str] | None:
+        """``(asked, real, why)`` when the model-wide DW ratio is off the asked one (:func:`dw_deviation`)."""
+        return dw_deviation(self.rows)
+
     def table(self) -> str:
         head = (f"{'layer':<34} {'k':>5} {'C':>5} {'target':>7} {'real':>7} {'HSR':>3}  "
-                f"{'K per range':<18} {'PW before->after':>16}")
+                f"{'K per range':<18} {'PW before->after':>16}  note")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             pw = f"{r.pw_before:>7} -> {r.pw_after:<6}" if r.pw_names else f"{'-':>17}"  # no PW-conv2 known
             lines.append(f"{r.name[-34:]:<34} {r.kernel[0]}x{r.kernel[1]:<3} {r.channels:>5} "
                          f"{r.target_ratio:>7.2%} {r.real_ratio:>7.2%} {r.hsr:>3}  {kept_str(r.kept_per_range):<18} "
-                         f"{pw}")
+                         f"{pw}  {r.note}".rstrip())
         lines.append("-" * len(head))
-        lines.append(f"variant {self.variant}: DW ratio {self.dw_ratio:.2%}, DW HSR {self.dw_hsr_pattern}, "
+        dev = self.deviation
+        asked = f" (asked {dev[0]:.2%}: {dev[2]})" if dev else ""
+        lines.append(f"variant {self.variant}: DW ratio {self.dw_ratio:.2%}{asked}, DW HSR {self.dw_hsr_pattern}, "
                      f"PW HSR {self.pw_hsr_pattern}")
         lines.append(f"{PARAMS_LABEL} {self.before.params / 1e6:.3f} M -> {self.after.params / 1e6:.3f} M "
                      f"({self.after.params / max(self.before.params, 1):.1%}); "

@@ -14,7 +14,10 @@ generator is exhausted, so BWT's ranges are balanced over the channels that rema
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
+import os
+import sys
 import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -33,11 +36,11 @@ from ..core.method import (bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hs
 from ..core.method.hsr import HSRDecision
 from ..core.padding import conv_padding, same_padding
 from ..core.probe import probe_structure
-from ..core.summary import LayerRow, Summary
+from ..core.summary import DEVIATION_POINTS, LayerRow, Summary, dw_deviation
 from .adapters import run_fixups
 from .importance import DEPruneImportance
-from .limits import (DW_ONLY_HINT, GROUP_STEP_LIMIT, GroupSearchTooLong, TorchPruningFailure, bounded_groups,
-                     failure_from)
+from .limits import GroupSearchTooLong, bounded_groups, failure_from, search_failure
+from .serialization import attach_history, carried_history
 from .structure import DEPruneStructure, DSConvBlock, analyse, find_depthwise
 
 VARIANTS: dict[str, tuple[bool, bool]] = {"plain": (False, False), "B": (True, False), "BH": (True, True)}
@@ -113,6 +116,22 @@ def _check_not_meta(model: nn.Module, inputs: tuple) -> None:
         raise ValueError("example_inputs are on the 'meta' device: pass real tensors")
 
 
+def _caller_stacklevel() -> int:
+    """``stacklevel`` of the caller's line for a warning raised here: the first frame outside this
+    package, torch and torch-pruning (``step()`` reaches the taps through torch-pruning's loop, an
+    interactive step through the caller's own loop)."""
+    frame, level = sys._getframe(2), 2  # the frame that called warn's caller
+    while frame is not None and any(f"{os.sep}{pkg}{os.sep}" in frame.f_code.co_filename
+                                    for pkg in ("deprune_plugin", "torch", "torch_pruning")):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _cap_floor(size: int, max_ratio: float) -> int:
+    """Fewest of ``size`` columns / channels that may stay when at most ``max_ratio`` of them may go."""
+    return max(0, math.ceil(size * (1 - max_ratio) - 1e-9))
+
+
 class DEPruner(tp.pruner.BasePruner):
     """DEPrune / DEPrune-B / DEPrune-BH pruner for depth-wise-separable CNNs.
 
@@ -127,7 +146,8 @@ class DEPruner(tp.pruner.BasePruner):
         pw_pruning_ratio: fraction of PW-conv2 filters (stream channels) removed per group, in ``[0, 1)``, of
             the widths the model has **now** (as in torch-pruning: a second DEPruner compounds, 0.5 twice
             keeps 25%). ``0`` prunes DW taps only and never builds torch-pruning's dependency graph (works on
-            models torch-pruning cannot trace; ``pruning_history()`` is then empty).
+            models torch-pruning cannot trace; ``pruning_history()`` then adds nothing to the history the
+            model carries).
         variant: ``"plain"`` (DEPrune), ``"B"`` (+BWT) or ``"BH"`` (+BWT+HSR).
         group_size: channels per balanced range (one DR sub-GEMM).
         tile_size: HSR alignment of kept columns (DW) and remaining filters (PW).
@@ -149,7 +169,8 @@ class DEPruner(tp.pruner.BasePruner):
         ValueError / TypeError naming the argument, before the model is touched.
         TorchPruningFailure (a ValueError): torch-pruning cannot build or search the model's graph (the
             message names the model part; ``pw_pruning_ratio=0`` still works). Raised in seconds: a group
-            search is capped (:mod:`.limits`), and only the PW-conv2 groups are ever enumerated.
+            search is bounded in items, held channel indices (memory) and wall time (:mod:`.limits`), and
+            only the PW-conv2 groups are ever enumerated.
     """
 
     def __init__(
@@ -240,6 +261,9 @@ class DEPruner(tp.pruner.BasePruner):
         self.prune_dw_channels = prune_dw_channels
         self.hsr_alpha = hsr_alpha
         self.example_inputs = inputs
+        # Channel pruning the model went through before this pruner (load() or an earlier DEPruner):
+        # its indices refer to earlier widths, so pruning_history() replays it first.
+        self._history_before = carried_history(model)
         self.uses_graph = pw_pruning_ratio > 0 or any(r > 0 for r in pruning_ratio_dict.values())
         if self.uses_graph:
             self._init_with_graph(model, inputs, importance, global_pruning, pw_pruning_ratio, pruning_ratio_dict,
@@ -257,6 +281,8 @@ class DEPruner(tp.pruner.BasePruner):
                     if is_depthwise(m):
                         self._dw_override[m] = self.iterative_pruning_ratio_scheduler(ratio, self.iterative_steps)
         self._dw_target: dict[nn.Module, float] = {m: 0.0 for _, m in self._dw}
+        self._dw_asked: dict[nn.Module, float] = {}
+        self._dw_note: dict[nn.Module, str] = {}
         self._dw_hsr: dict[nn.Module, HSRDecision] = {}
         self._pw_hsr: list[HSRDecision] = []
         self._pw_before = {b.dw: sum(self._out_channels(p) for p in b.pw2) for b in self.structure.blocks}
@@ -283,16 +309,11 @@ class DEPruner(tp.pruner.BasePruner):
         self.root_module_types = root_types
         user_ignored = set(self.ignored_layers)
         self._dw = find_depthwise(model, user_ignored)
-        names = {m: n for n, m in model.named_modules()}
         try:
             with bounded_groups():
                 self.structure = analyse(self.DG, model, self._dw, self._probe_record)
         except GroupSearchTooLong as e:
-            part = names.get(getattr(e, "module", None), "?")
-            raise TorchPruningFailure(
-                f"torch-pruning 1.6.1 cannot search the channel group of {part!r} in {type(model).__name__}: "
-                f"its dependency search passed {GROUP_STEP_LIMIT} items without ending (a residual added into a "
-                f"slice of the channels does this); {DW_ONLY_HINT}") from None
+            raise search_failure(e, model) from None
         except Exception as e:  # noqa: BLE001
             raise failure_from(e, model, "searching the PW-conv2 groups") from e
         allowed = set(self.structure.pw_target_layers)
@@ -398,21 +419,25 @@ class DEPruner(tp.pruner.BasePruner):
                 warnings.warn(f"step(interactive=True) was left before its end: no DW taps were pruned in step "
                               f"{self.current_step} (current_step advanced anyway); iterate the generator to "
                               "the end to prune them", stacklevel=2)
+                self._carry_history()  # the caller may have pruned the group it was given
                 raise
             for dep, removed in group:  # the caller pruned the group (or not): keep masks in step
                 if tap_mask(dep.target.module) is not None:
                     slice_tap_mask(dep.target.module, removed)
             run_fixups(self.model)
+        self._carry_history()
         self._prune_taps()
 
     def _hsr_pw(self, plan: list) -> list:
-        kept, limits = [], []
+        kept, limits, floors = [], [], []
         for module, handler, idxs in plan:
-            c = self.DG.get_out_channels(module) if self.DG.is_out_channel_pruning_fn(handler) \
-                else self.DG.get_in_channels(module)
+            out = self.DG.is_out_channel_pruning_fn(handler)
+            c = self.DG.get_out_channels(module) if out else self.DG.get_in_channels(module)
             limits.append(c)
             kept.append(c - len(idxs) if c > self.tile_size else None)  # narrow streams stay as they are
-        decisions = hsr_plan(kept, self.tile_size, limits)
+            init = (self.layer_init_out_ch if out else self.layer_init_in_ch).get(module, c)
+            floors.append(_cap_floor(init, self.max_pruning_ratio))  # rounding down never passes the cap
+        decisions = hsr_plan(kept, self.tile_size, limits, floors=floors)
         self._pw_hsr = [d for d in decisions if d.kept is not None]
         out = []
         for (module, handler, idxs), d, c in zip(plan, decisions, limits):
@@ -431,17 +456,13 @@ class DEPruner(tp.pruner.BasePruner):
     def _prune_taps(self) -> None:
         convs = [(n, m) for n, m in self._dw if m.weight.shape[0] > 0]
         scores = {m: self._tap_scores(m) for _, m in convs}
-        targets = {m: self._dw_ratio(m) for _, m in convs}
+        asked = {m: self._dw_ratio(m) for _, m in convs}
+        cap = self.max_pruning_ratio
+        targets = {m: min(r, cap) for m, r in asked.items()}  # a cap, as torch-pruning caps its ratios
         if self.global_pruning:
             free = [m for _, m in convs if m not in self._dw_override]
-            asked = self.dw_schedule[self.current_step]
-            ratios = global_layer_ratios([scores[m] for m in free], asked, self.max_pruning_ratio)
+            ratios = global_layer_ratios([scores[m] for m in free], self.dw_schedule[self.current_step], cap)
             targets.update(zip(free, ratios))
-            taps = [m.weight.numel() for m in free]
-            got = sum(r * n for r, n in zip(ratios, taps)) / max(sum(taps), 1)
-            if asked - got > 1.0 / max(sum(taps), 1):  # more than rounding: the per-layer cap bit
-                warnings.warn(f"global_pruning: max_pruning_ratio={self.max_pruning_ratio} caps every DW layer, so "
-                              f"the model-wide DW ratio is {got:.2%}, not the requested {asked:.2%}", stacklevel=4)
         prev = {m: (tap_mask(m) if tap_mask(m) is not None else torch.ones_like(m.weight, dtype=torch.bool))
                 for _, m in convs}
         keep = {}
@@ -456,17 +477,57 @@ class DEPruner(tp.pruner.BasePruner):
             limits = [self.group_size * m.weight[0].numel() for _, m in convs]
             alpha = self._alpha_fn([n for n, _ in convs], [self._probe_record.out_hw.get(m, (1, 1)) for _, m in convs],
                                    [m.weight.shape[0] for _, m in convs])
-            for (_, m), d in zip(convs, hsr_plan(kept, self.tile_size, limits, alpha)):
+            floors = [_cap_floor(n, cap) for n in limits]
+            weights = [m.weight.shape[0] // self.group_size for _, m in convs]
+            for (_, m), d in zip(convs, hsr_plan(kept, self.tile_size, limits, alpha, floors, weights)):
                 self._dw_hsr[m] = d
                 if d.mark != "-":
                     keep[m] = hsr_apply(scores[m], keep[m], prev[m], d.new_kept, self.group_size)
         for _, m in convs:
             attach_tap_mask(m, keep[m])
             self._dw_target[m] = targets[m]
+            self._dw_asked[m] = asked[m]
+            self._dw_note[m] = self._deviation_note(m, asked[m], targets[m], keep[m], prev[m])
+        dev = dw_deviation(self._rows())
+        if dev is not None:
+            warnings.warn(f"the model-wide DW ratio is {dev[1]:.2%}, not the requested {dev[0]:.2%} (step "
+                          f"{self.current_step} of {self.iterative_steps}): {dev[2]}; summary() notes each layer",
+                          stacklevel=_caller_stacklevel())
+
+    def _deviation_note(self, m: nn.Module, asked: float, target: float, keep: torch.Tensor,
+                        prev: torch.Tensor) -> str:
+        """Why layer ``m`` ended below what was asked (the cap) or more than DEVIATION_POINTS off its target,
+        as ``"kind: detail"`` parts joined by ``"; "`` ("" when neither)."""
+        real = 1 - int(keep.sum()) / keep.numel()
+        parts = []
+        if asked - real > DEVIATION_POINTS and asked > target and target >= self.max_pruning_ratio - 1e-12:
+            parts.append(f"cap: max_pruning_ratio={self.max_pruning_ratio:g} (asked {asked:.2%})")
+        if abs(real - target) > DEVIATION_POINTS:
+            d = self._dw_hsr.get(m)
+            channels = m.weight.shape[0]
+            smallest = min(min(self.group_size, channels - s) for s in range(0, channels, self.group_size)) * \
+                m.weight[0].numel()
+            if d is not None and d.mark != "-" and d.new_kept != d.kept:
+                parts.append(f"HSR {d.mark}: K' {d.kept} -> {d.new_kept} per range (tile {self.tile_size})")
+            elif 1 - int(prev.sum()) / prev.numel() > target + DEVIATION_POINTS:
+                parts.append("taps pruned earlier: the mask only grows")
+            elif 1 / smallest > DEVIATION_POINTS:
+                parts.append(f"too few taps: a range of {smallest} taps rounds in steps of {1 / smallest:.1%}")
+            else:
+                parts.append("rounding: floor per range")
+        return "; ".join(parts)
 
     def pruning_history(self) -> list:
-        """torch-pruning's channel-pruning history (empty when no dependency graph was needed)."""
-        return [] if self.DG is None else super().pruning_history()
+        """Channel-pruning history from the unpruned architecture: the history the model carried when this
+        pruner was built (``model.deprune_history``, set by ``load()`` or an earlier DEPruner), then
+        torch-pruning's history of this pruner (none when no dependency graph was needed). Entries are
+        ``[module_name, is_out_channel, idxs]``, indices relative to the widths at that step."""
+        own = [] if self.DG is None else super().pruning_history()
+        return self._history_before + list(own)
+
+    def _carry_history(self) -> None:
+        """Let the model carry the full history, so a later DEPruner (or ``save``) continues from it."""
+        attach_history(self.model, self.pruning_history())
 
     def load_pruning_history(self, pruning_history) -> None:
         if self.DG is None:
@@ -475,10 +536,15 @@ class DEPruner(tp.pruner.BasePruner):
                                  "graph to replay a channel-pruning history on")
             return
         super().load_pruning_history(pruning_history)
+        self._carry_history()
 
     # ------------------------------------------------------------------ report
     def summary(self) -> Summary:
         """Per-DSConv-layer report and model totals (see :class:`Summary`)."""
+        return Summary(rows=self._rows(), before=self.cost_before, after=count_cost(self.model, self.example_inputs),
+                       pw_hsr=[d.mark for d in self._pw_hsr], variant=self.variant)
+
+    def _rows(self) -> list[LayerRow]:
         rows = []
         for b in self.structure.blocks:
             m = b.dw
@@ -495,6 +561,5 @@ class DEPruner(tp.pruner.BasePruner):
                 target_ratio=self._dw_target.get(m, 0.0), real_ratio=real, kept_per_range=kept,
                 hsr=d.mark if d is not None else "-",
                 pw_before=self._pw_before.get(m, 0), pw_after=sum(self._out_channels(p) for p in b.pw2),
-                pw_names=list(b.pw2_names)))
-        return Summary(rows=rows, before=self.cost_before, after=count_cost(self.model, self.example_inputs),
-                       pw_hsr=[d.mark for d in self._pw_hsr], variant=self.variant)
+                pw_names=list(b.pw2_names), asked_ratio=self._dw_asked.get(m), note=self._dw_note.get(m, "")))
+        return rows

@@ -9,6 +9,10 @@ PW-conv2 only (paper section 4.2), i.e. the dependency groups that hold a PW-con
   output is larger). When the DW output itself is 1x1 (tiny inputs) the tie is broken by the gate: the
   group feeds back into the same DW's channels through a layer that runs after the DW conv,
 - something downstream consumes it (a classifier output is never a target),
+- on a DW conv that sits in a residual stream (ConvNeXt, FastViT: later layers of the stage write into the
+  DW's channels), it returns to that stream (a block's MLP hidden width). A layer that reads the stream
+  and never writes back is an exit of the stream: the head conv after the last block (FastViT's
+  ``final_conv``), never a PW-conv2,
 - it does not pass through both a concat and a split (timm MixNet's grouped PW convs): torch-pruning
   1.6.1 maps indices inconsistently there (observed on ``mixnet_s``: a 24-channel stream pruned 6+6 at the
   producer's concat but 11+1 at the consumer's split), so such streams are left unpruned.
@@ -43,8 +47,11 @@ def find_depthwise(model: nn.Module, ignored: set[nn.Module] = frozenset()) -> l
 
 
 def is_pointwise(m: nn.Module) -> bool:
+    """A Linear, or a 1x1 conv whose every output mixes several input channels. A 1x1 conv with one input
+    channel per group (MobileOne's ``conv_scale`` branch, ``groups == in_channels``) only scales channels:
+    it is the 1x1 branch of a DW conv, not a point-wise layer."""
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and tuple(m.kernel_size) == (1, 1)
-                                        and not is_depthwise(m))
+                                        and m.in_channels // m.groups > 1)
 
 
 def _members(DG, group, out: bool) -> list[nn.Module]:
@@ -90,6 +97,16 @@ def _is_se(c: nn.Module, dw: nn.Module, g_out: set, og_in: list, rec: ProbeRecor
     return any(m in g_out and rec.order.get(m, -1) > rec.order.get(dw, -1) for m in og_in)
 
 
+def _in_stream(dw: nn.Module, g_out: set, rec: ProbeRecord) -> bool:
+    """True when a conv / Linear that runs after ``dw`` writes into its channels at its output's spatial
+    size: ``dw`` sits in a residual stream. (An SE gate writes into them too, but from a pooled 1x1 input.)"""
+    dw_hw = rec.out_hw.get(dw)
+    if dw_hw is None or dw_hw[0] * dw_hw[1] <= 1:
+        return False  # 1x1 maps cannot tell a stream from an SE gate: keep the DSConv reading
+    return any(isinstance(m, (nn.Conv2d, nn.Linear)) and m is not dw and not is_depthwise(m)
+               and rec.order.get(m, -1) > rec.order.get(dw, -1) and rec.in_hw.get(m) == dw_hw for m in g_out)
+
+
 def analyse(DG, model: nn.Module, dw_convs: list[tuple[str, nn.Conv2d]], rec: ProbeRecord) -> DEPruneStructure:
     """Find the PW-conv2 of every DW conv and the groups DEPrune filter-prunes.
 
@@ -110,6 +127,7 @@ def analyse(DG, model: nn.Module, dw_convs: list[tuple[str, nn.Conv2d]], rec: Pr
         g = channel_group(DG, dw)
         g_out = set(_members(DG, g, out=True))
         hidden |= g_out
+        stream = _in_stream(dw, g_out, rec)
         consumers = [m for m in _members(DG, g, out=False)
                      if is_pointwise(m) and m not in g_out and m in DG.module2node]
         projections = []
@@ -121,6 +139,8 @@ def analyse(DG, model: nn.Module, dw_convs: list[tuple[str, nn.Conv2d]], rec: Pr
             og_in = _members(DG, og, out=False)
             if _is_se(c, dw, g_out, og_in, rec):
                 continue
+            if stream and not any(m in g_out for m in og_in):
+                continue  # leaves the stream for good: a head conv (or a stage exit), not a PW-conv2
             projections.append(c)
             if any(is_depthwise(m) for m in og_out + og_in):
                 continue  # removing these channels would remove DW channels

@@ -7,6 +7,15 @@ smallest survivors of each range, ``K' = tile * q``), the bottom half under-alig
 ``tile - r`` largest pruned weights of each range, ``K' = tile * (q + 1)``). With an odd count the extra
 layer goes to "u" (every pattern of the paper's Table 3 has one more u than o). Aligned layers are left
 alone ("-"). Only full ranges are recalibrated; a last partial range keeps its BWT count.
+
+Two choices the paper leaves open:
+
+- a cap (torch-pruning's ``max_pruning_ratio``) is never passed: a layer whose "o" would prune more than
+  its cap allows (``floors``) cannot go down and goes "u";
+- "o" removes ``r`` columns per range and "u" adds ``tile - r``, so which layers of equal beta go "o"
+  moves the model-wide ratio (uniform targets give every layer of one kernel size the same K' and beta).
+  Among layers of equal beta the "o"s go where the total kept count stays closest to the one before HSR
+  (``weights``: full ranges per layer); with equal weights, layer order decides.
 """
 from __future__ import annotations
 
@@ -55,7 +64,9 @@ def tile_cost_alpha(kept: int, tile: int) -> float:
 
 
 def hsr_plan(kept: Sequence[Optional[int]], tile: int, limits: Sequence[Optional[int]] | None = None,
-             alpha_fn: Callable[[int, int, int], float] | None = None) -> list[HSRDecision]:
+             alpha_fn: Callable[[int, int, int], float] | None = None,
+             floors: Sequence[Optional[int]] | None = None,
+             weights: Sequence[float] | None = None) -> list[HSRDecision]:
     """Rank unaligned layers by beta and mark the top half "o", the rest "u".
 
     Args:
@@ -63,13 +74,18 @@ def hsr_plan(kept: Sequence[Optional[int]], tile: int, limits: Sequence[Optional
         tile: GEMM tile (32 in the paper).
         limits: largest K' each layer can reach (the range size ``n_g``); "u" is capped there.
         alpha_fn: ``alpha_fn(layer_index, kept, tile) -> alpha``; default :func:`tile_cost_alpha`.
+        floors: smallest K' each layer may keep (its cap: ``ceil(n_g * (1 - max_ratio))``); a layer whose
+            "o" would go below it goes "u".
+        weights: how many ranges each layer's K' counts for (default 1 each); used among equal betas.
 
     Returns:
-        One :class:`HSRDecision` per layer, in input order. Ties in beta keep layer order.
+        One :class:`HSRDecision` per layer, in input order.
     """
     if tile <= 0:
         raise ValueError(f"tile must be > 0, got {tile}")
     limits = list(limits) if limits is not None else [None] * len(kept)
+    floors = list(floors) if floors is not None else [None] * len(kept)
+    weights = list(weights) if weights is not None else [1.0] * len(kept)
     alpha_fn = alpha_fn or (lambda _i, k, t: tile_cost_alpha(k, t))
     info = []
     for i, k in enumerate(kept):
@@ -81,25 +97,42 @@ def hsr_plan(kept: Sequence[Optional[int]], tile: int, limits: Sequence[Optional
         info.append((eps, alpha, alpha / eps))
     unaligned = [i for i, k in enumerate(kept) if k is not None and k % tile != 0]
     n_over = len(unaligned) // 2
-    # q == 0 layers cannot go down without emptying a range: they always go up.
-    can_go_down = [i for i in unaligned if kept[i] // tile > 0]
+    down = {i: tile * (kept[i] // tile) for i in unaligned}
+    up = {i: tile * (kept[i] // tile + 1) if limits[i] is None else min(tile * (kept[i] // tile + 1), limits[i])
+          for i in unaligned}
+    # q == 0 layers cannot go down without emptying a range, capped layers not below their floor: they go up.
+    can_go_down = [i for i in unaligned if down[i] > 0 and (floors[i] is None or down[i] >= floors[i])]
     ranked = sorted(can_go_down, key=lambda i: -info[i][2])  # stable: ties keep layer order
     over = set(ranked[:n_over])
+    if 0 < n_over < len(ranked) and info[ranked[n_over - 1]][2] == info[ranked[n_over]][2]:
+        over = _balance_tie(ranked, n_over, info, kept, down, up, weights, unaligned)
     out = []
     for i, k in enumerate(kept):
         eps, alpha, beta = info[i]
         if i not in unaligned:
             out.append(HSRDecision(k, 0, 0.0, 0.0, "-", k))
-            continue
-        q = k // tile
-        if i in over:
-            out.append(HSRDecision(k, eps, alpha, beta, "o", tile * q))
+        elif i in over:
+            out.append(HSRDecision(k, eps, alpha, beta, "o", down[i]))
         else:
-            up = tile * (q + 1)
-            if limits[i] is not None:
-                up = min(up, limits[i])
-            out.append(HSRDecision(k, eps, alpha, beta, "u", up))
+            out.append(HSRDecision(k, eps, alpha, beta, "u", up[i]))
     return out
+
+
+def _balance_tie(ranked: list[int], n_over: int, info: list, kept: Sequence[Optional[int]], down: dict,
+                 up: dict, weights: Sequence[float], unaligned: list[int]) -> set[int]:
+    """The "o" set when the half boundary falls inside a run of equal beta: layers above the run go "o",
+    and of the run the ``k`` layers (a window in order of how much their "o" moves the total) that leave the
+    total kept count closest to the count before HSR."""
+    b = info[ranked[n_over - 1]][2]
+    fixed = [i for i in ranked if info[i][2] > b]
+    tie = [i for i in ranked if info[i][2] == b]
+    k = n_over - len(fixed)
+    # Total change in kept columns with every undecided layer "u", and what switching one to "o" changes.
+    base = sum(weights[i] * ((down[i] if i in fixed else up[i]) - kept[i]) for i in unaligned)
+    delta = {i: weights[i] * (down[i] - up[i]) for i in tie}
+    order = sorted(tie, key=lambda i: delta[i])  # stable: equal moves keep layer order
+    best = min(range(len(order) - k + 1), key=lambda s: abs(base + sum(delta[i] for i in order[s:s + k])))
+    return set(fixed) | set(order[best:best + k])
 
 
 def hsr_apply(scores: torch.Tensor, keep: torch.Tensor, restorable: torch.Tensor, new_kept: int,
