@@ -82,6 +82,34 @@ def test_prune_output_loads_with_masks_at_target(pruned_run):
     assert extra["args"]["dw"] == 0.78 and extra["args"]["model"] == "mobilenetv2_100"
 
 
+def test_the_main_jobs_file_deploys_unchanged(pruned_run, tmp_path):
+    """The trained, pruned, recalibrated file: no BatchNorm left with variance 0 in front of a live output,
+    the channels that read no input reported, and accelerate() / export() keep everything."""
+    import warnings
+
+    from deprune_plugin import accelerate, export
+    from deprune_plugin.accel.runtimes import RUNTIMES, runtime_available
+
+    out, proc = pruned_run
+    assert proc.returncode == 0, proc.stderr
+    assert "keep no tap that reads input at the example's resolution" in proc.stdout  # --quiet keeps the table
+    metrics = load_extra(out / "model.pt")["metrics"]
+    assert metrics["blind_dw_channels"] > 0  # 32x32 digits: the last DW layers run on 1x1 and 2x2 maps
+    model = load(out / "model.pt").eval()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert sum(int(((bn.running_var < 1e-8) & (bn.weight != 0)).sum()) for bn in bns) == 0
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no edit reverted, no runtime dropped
+        fast = accelerate(model, example_inputs=x)
+    rep = fast.deprune_report
+    assert rep.left() == {} and len(rep.replaced()) == 17
+    installed = {r for r in RUNTIMES if runtime_available(r)[0]}
+    assert installed <= {k for k, v in rep.runtimes.items() if "ms" in v}
+    if "onnxruntime" in installed:
+        assert export(model, tmp_path / "m.onnx", example_inputs=x).exists()
+
+
 def test_prune_writes_a_png_next_to_out(pruned_run):
     out, proc = pruned_run
     assert proc.returncode == 0, proc.stderr

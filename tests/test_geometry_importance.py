@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deprune_plugin import DEPruneImportance, DEPruner, tap_mask
-from deprune_plugin.core.method.geometry import axis_coverage, tap_coverage, with_channel_floor
+from deprune_plugin.core.method.geometry import axis_coverage, blind_channels, tap_coverage, with_channel_floor
 from deprune_plugin.core.padding import same_padding
 
 
@@ -133,3 +133,32 @@ def test_geometry_sees_the_example_resolution_even_when_the_probe_upscales():
 def test_bad_importance_arguments_are_named(kwargs, exc):
     with pytest.raises(exc, match=next(iter(kwargs))):
         DEPruneImportance(**kwargs)
+
+
+def test_blind_channels_by_hand():
+    # a 1x1 map with padding 1: only the centre tap reads the pixel
+    cov = tap_coverage((1, 1), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))
+    keep = torch.zeros(4, 1, 3, 3, dtype=torch.bool)
+    keep[0, 0, 1, 1] = True          # the centre: reads input
+    keep[1, 0, 0, 0] = True          # a corner only: reads padding everywhere
+    keep[2, 0, 0, 1] = keep[2, 0, 1, 1] = True  # a padding tap and the centre
+    # channel 3 keeps nothing at all
+    assert blind_channels(keep, cov).tolist() == [1, 3]
+    big = tap_coverage((8, 8), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1))  # at 8x8 every tap reads input somewhere
+    assert blind_channels(keep, big).tolist() == [3]
+    with pytest.raises(ValueError, match="kernel size"):
+        blind_channels(keep, torch.ones(5, 5))
+
+
+def test_summary_counts_the_channels_that_read_no_input():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, stride=8, padding=1), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                        nn.Conv2d(32, 8, 1))
+    p = DEPruner(net, torch.randn(1, 3, 8, 8), dw_pruning_ratio=0.8, pw_pruning_ratio=0.0)
+    p.step()
+    keep = tap_mask(net[1])
+    # the DW conv runs on a 1x1 map: a channel is blind unless it kept its centre tap
+    expected = int((~keep[:, 0, 1, 1]).sum())
+    s = p.summary()
+    assert expected > 0 and s.rows[0].blind_channels == expected == s.blind_channels
+    assert f"{expected} DW channel(s) in 1 layer(s) keep no tap that reads input" in s.table()

@@ -573,6 +573,7 @@ def _warn(message: str) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from ..core.constant_channels import constant_channels, fold_constant_channels_
     from ..core.recalibration import recalibrate_bn
     from ..tp_glue.serialization import save
     from .plotting import plot_report
@@ -614,6 +615,13 @@ def _prune(args: argparse.Namespace) -> int:
         say(f"fine-tuning {args.finetune_epochs} epoch(s)" + (" with distillation" if args.distill else ""))
         train(model, s.train_loader, args.finetune_epochs, args.finetune_lr, dev, q, desc="fine-tune",
               teacher=dense if args.distill else None, kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)
+    # Fine-tuning moves running statistics again: a channel still constant on the data (its kept taps read only
+    # padding) would leave a BN with ~0 variance, which makes the saved model numerically fragile.
+    constant = fold_constant_channels_(model, constant_channels(model, s.train_loader, device=dev))
+    n_constant = sum(len(v) for v in constant.values())
+    if n_constant or summary.blind_channels:
+        say(f"{summary.blind_channels} DW channel(s) read no input at {args.image_size}x{args.image_size}; "
+            f"{n_constant} constant BatchNorm channel(s) folded into their biases")
     top1_after = evaluate(model, s.test_loader, dev, q)
     model.cpu()
     dense.cpu()
@@ -623,7 +631,8 @@ def _prune(args: argparse.Namespace) -> int:
         "macs": {"before": summary.before.macs, "after": summary.after.macs},
         "params": {"before": summary.before.params, "after": summary.after.params},
         "dw_ratio": summary.dw_ratio, "dw_hsr": summary.dw_hsr_pattern, "pw_hsr": summary.pw_hsr_pattern,
-        "prune_seconds": prune_seconds,
+        "prune_seconds": prune_seconds, "blind_dw_channels": summary.blind_channels,
+        "constant_bn_channels_folded": n_constant,
     }
     extra = {"metrics": metrics, "args": _plain_args(args), "group_size": pruner.group_size,
              "dw_targets": {r.name: r.target_ratio for r in summary.rows}, "summary": summary.table()}

@@ -31,6 +31,9 @@ class LayerRow:
     pw_names: list[str] = field(default_factory=list)
     asked_ratio: float | None = None
     note: str = ""
+    blind_channels: int = 0
+    """Channels none of whose kept taps reads an input pixel at the example input's resolution: their
+    output is constant (``recalibrate_bn`` folds them into the next BatchNorm's bias)."""
 
     @property
     def taps(self) -> int:
@@ -130,6 +133,11 @@ class Summary:
         return 1 - kept / total if total else 0.0
 
     @property
+    def blind_channels(self) -> int:
+        """DW channels, over all layers, whose kept taps read no input at the example's resolution."""
+        return sum(r.blind_channels for r in self.rows)
+
+    @property
     def deviation(self) -> tuple[float, float, str] | None:
         """``(asked, real, why)`` when the model-wide DW ratio is off the asked one (:func:`dw_deviation`)."""
         return dw_deviation(self.rows)
@@ -148,6 +156,11 @@ class Summary:
         asked = f" (asked {dev[0]:.2%}: {dev[2]})" if dev else ""
         lines.append(f"variant {self.variant}: DW ratio {self.dw_ratio:.2%}{asked}, DW HSR {self.dw_hsr_pattern}, "
                      f"PW HSR {self.pw_hsr_pattern}")
+        blind = self.blind_channels
+        if blind:
+            layers = sum(r.blind_channels > 0 for r in self.rows)
+            lines.append(f"{blind} DW channel(s) in {layers} layer(s) keep no tap that reads input at the example's "
+                         "resolution: constant outputs (recalibrate_bn folds them into BatchNorm biases)")
         lines.append(f"{PARAMS_LABEL} {self.before.params / 1e6:.3f} M -> {self.after.params / 1e6:.3f} M "
                      f"({self.after.params / max(self.before.params, 1):.1%}); "
                      f"MACs {self.before.macs / 1e6:.1f} M -> {self.after.macs / 1e6:.1f} M "

@@ -31,8 +31,8 @@ from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 from ..core.checks import check_bool, check_positive_int, check_ratio
 from ..core.cost import Cost, count_cost
 from ..core.masks import attach_tap_mask, is_depthwise, slice_tap_mask, tap_mask
-from ..core.method import (bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan, kept_per_range,
-                           tap_coverage)
+from ..core.method import (blind_channels, bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan,
+                           kept_per_range, tap_coverage)
 from ..core.method.hsr import HSRDecision
 from ..core.padding import conv_padding, same_padding
 from ..core.probe import probe_structure
@@ -556,10 +556,13 @@ class DEPruner(tp.pruner.BasePruner):
             bounds = [min(self.group_size, channels - s) * taps for s in range(0, channels, self.group_size)]
             real = min(1 - k / n for k, n in zip(kept, bounds)) if kept else 0.0
             d = self._dw_hsr.get(m)
+            coverage = self._coverage(m)
+            blind = 0 if coverage is None else int(blind_channels(keep, coverage).numel())
             rows.append(LayerRow(
                 name=b.dw_name, kernel=tuple(m.kernel_size), channels=m.weight.shape[0],
                 target_ratio=self._dw_target.get(m, 0.0), real_ratio=real, kept_per_range=kept,
                 hsr=d.mark if d is not None else "-",
                 pw_before=self._pw_before.get(m, 0), pw_after=sum(self._out_channels(p) for p in b.pw2),
-                pw_names=list(b.pw2_names), asked_ratio=self._dw_asked.get(m), note=self._dw_note.get(m, "")))
+                pw_names=list(b.pw2_names), asked_ratio=self._dw_asked.get(m), note=self._dw_note.get(m, ""),
+                blind_channels=blind))
         return rows

@@ -9,13 +9,13 @@
 """
 from .bwt import bwt_keep_mask
 from .dcp import dcp_keep_mask
-from .geometry import geometry_tap_scores, tap_coverage, with_channel_floor
+from .geometry import blind_channels, geometry_tap_scores, tap_coverage, with_channel_floor
 from .global_ratio import global_layer_ratios
 from .hsr import HSRDecision, hsr_apply, hsr_plan, tile_cost_alpha
 from .ranges import kept_per_range, range_bounds, range_ratios, real_ratio
 
 __all__ = [
-    "dcp_keep_mask", "bwt_keep_mask", "tap_coverage", "geometry_tap_scores",
+    "dcp_keep_mask", "bwt_keep_mask", "tap_coverage", "geometry_tap_scores", "blind_channels",
     "with_channel_floor", "global_layer_ratios", "HSRDecision", "hsr_plan", "hsr_apply",
     "tile_cost_alpha", "kept_per_range", "range_bounds", "range_ratios", "real_ratio",
 ]

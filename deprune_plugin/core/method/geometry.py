@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["axis_coverage", "tap_coverage", "geometry_tap_scores", "with_channel_floor"]
+__all__ = ["axis_coverage", "blind_channels", "tap_coverage", "geometry_tap_scores", "with_channel_floor"]
 
 
 def axis_coverage(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
@@ -57,3 +57,13 @@ def with_channel_floor(scores: torch.Tensor) -> torch.Tensor:
     out = flat.clone()
     out[rows, best] = torch.where(top > 0, top + lift, top)
     return out.reshape(scores.shape)
+
+
+def blind_channels(keep: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+    """Indices (``[n]`` long) of the channels of a DW tap mask ``keep [C, 1, kh, kw]`` none of whose kept taps
+    ever reads an input pixel (``coverage [kh, kw]`` from :func:`tap_coverage`): their output is a constant
+    (the conv's bias), at the resolution ``coverage`` describes."""
+    if coverage.shape != keep.shape[-2:]:
+        raise ValueError(f"coverage must be {tuple(keep.shape[-2:])} (the kernel size), got {tuple(coverage.shape)}")
+    reads = keep.bool() & (coverage.to(keep.device) > 0)
+    return torch.nonzero(~reads.flatten(1).any(dim=1)).flatten()
