@@ -75,6 +75,24 @@ def test_the_check_can_fail_only_when_outputs_differ():
     assert d.select(torch.ones(2, 3)).dropped == {} and d.select(torch.ones(2, 3)).name == "direct"
 
 
+def test_slack_widens_the_check_by_the_references_own_error_and_no_further():
+    """A candidate 1.0 off (x * 2 + 1, reference scale ~2) passes with slack 1.01, not with 0.99: the slack is
+    an absolute error the reference may carry, asked once per selection with the reference's output."""
+    seen = []
+
+    def pick(slack: float) -> dict:
+        clock = FakeClock()
+        d = KernelDispatcher(_candidates(clock, {"dense": 3.0, "direct": 1.0}, {}, wrong=frozenset({"direct"})),
+                             warmup=0, reps=1, timer=clock.timer,
+                             slack=lambda ref, x: seen.append((ref.clone(), x.shape)) or slack)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return d.select(torch.ones(2, 3)).dropped
+    assert pick(1.01) == {}
+    assert "slack 0.99" in pick(0.99)["direct"]
+    assert len(seen) == 2 and torch.equal(seen[0][0], torch.full((2, 3), 2.0)) and seen[0][1] == (2, 3)
+
+
 def test_samples_batch_calls_and_report_per_call_times():
     clock, calls = FakeClock(), {}
     d = KernelDispatcher(_candidates(clock, {"dense": 3.0, "direct": 1.0}, calls), warmup=1, reps=3,

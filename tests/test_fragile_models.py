@@ -143,3 +143,29 @@ def test_a_wrong_layer_in_a_fragile_model_is_still_caught(unfolded, monkeypatch)
         fast = accelerate(unfolded, backend="torch", example_inputs=_example())
     left = fast.deprune_report.left()
     assert list(left) == ["blocks.3.0.conv_dw"] and left["blocks.3.0.conv_dw"].startswith("output mismatch")
+
+
+def test_the_runtime_choice_allows_the_models_own_rounding(monkeypatch):
+    """Per-signature selection compares each runtime with the torch runner: its tolerance grows by 8x the
+    torch model's own fp32-vs-float64 error on that input, measured there."""
+    from deprune_plugin.accel.runtimes import RuntimeModel
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)).eval()
+    with torch.no_grad():
+        net[1].running_var.fill_(1e-12)  # fragile: ~300x amplification of the conv's rounding
+        net[1].eps = 1e-10
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+        err = (ref.double() - copy.deepcopy(net).double()(x.double())).abs().max().item()
+    assert err > 1e-6
+    rm = RuntimeModel.__new__(RuntimeModel)
+    nn.Module.__init__(rm)
+    rm.eager = net
+    assert rm._rounding_slack(ref, x) == pytest.approx(SLACK_FACTOR * err)
+    healthy = nn.Sequential(nn.Conv2d(3, 4, 1)).eval()
+    with torch.no_grad():
+        h = healthy(x)
+    rm.eager = healthy
+    assert rm._rounding_slack(h, x) < 1e-5 * h.abs().max().item()

@@ -108,6 +108,9 @@ class KernelDispatcher:
         margin: a candidate listed later must be faster than the best earlier one by more than this
             fraction to be chosen (0: the fastest wins). Candidates whose measured times differ by less than
             the measurement's noise then keep the listed preference instead of a coin flip.
+        slack: ``slack(ref, x, *args, **kwargs) -> float``, called once per selection: an absolute error the
+            reference output itself may carry (e.g. a whole model's fp32 rounding), added to the check's
+            tolerance (:func:`~deprune_plugin.core.agreement.agreement`). Default: none.
 
     Calling the dispatcher runs the chosen candidate. :attr:`cache` maps :func:`dispatch_key` tuples to
     :class:`Choice`.
@@ -115,7 +118,8 @@ class KernelDispatcher:
 
     def __init__(self, candidates: Mapping[str, Callable[..., Any]], *, reference: str | None = None,
                  warmup: int = 2, reps: int = 5, calls_per_sample: int = 4, timer: Timer | None = None,
-                 check: bool = True, label: str = "", gap_s: float = 0.0, margin: float = 0.0) -> None:
+                 check: bool = True, label: str = "", gap_s: float = 0.0, margin: float = 0.0,
+                 slack: Callable[..., float] | None = None) -> None:
         if not candidates:
             raise ValueError("candidates must name at least one callable")
         for name, fn in candidates.items():
@@ -138,6 +142,8 @@ class KernelDispatcher:
         if not 0.0 <= margin < 1.0:
             raise ValueError(f"margin must be in [0, 1), got {margin}")
         self.margin = margin
+        # slack(ref, x, *args, **kwargs) -> an absolute error the reference itself may carry (see agreement())
+        self.slack = slack
         self.cache: dict[tuple[Hashable, ...], Choice] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
@@ -209,6 +215,7 @@ class KernelDispatcher:
     def _select(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Choice:
         dropped: dict[str, str] = {}
         ref = self.candidates[self.reference](x, *args, **kwargs)  # raises: nothing to fall back to
+        slack = self.slack(ref, x, *args, **kwargs) if self.check and self.slack is not None else 0.0
         passed = [self.reference]
         for name, fn in self.candidates.items():
             if name == self.reference:
@@ -223,7 +230,7 @@ class KernelDispatcher:
                 self._drop(dropped, name, f"raised {type(exc).__name__}: {exc}")
                 continue
             if self.check:
-                agree = agreement(out, ref, x.dtype)
+                agree = agreement(out, ref, x.dtype, slack=slack)
                 if not agree.ok:
                     self._drop(dropped, name, f"disagrees with {self.reference}: {agree.reason}")
                     continue
