@@ -359,7 +359,7 @@ def test_gpu_entry_assembly_on_the_cpu(models, monkeypatch, fake_compile, capsys
     bench._print_goals(found)
     out = capsys.readouterr().out
     assert "efficientnet_b0 (DW 60.0% / PW 25.0%) batch 1 on cpu float32" in out
-    assert "Goals (issue 14):" in out and f"measured {best:.2f}x" in out
+    assert "Speed targets:" in out and f"measured {best:.2f}x" in out
 
 
 # ---- options and machine ---------------------------------------------------------------------------------

@@ -294,7 +294,7 @@ def test_prune_on_an_imagefolder_tree(tmp_path, capsys):
         assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
-# ---------------------------------------------------------------- a finished run is never lost (issue 9)
+# ---------------------------------------------------------------- a finished run is never lost
 def _flush_to_zero() -> bool:
     return bool((torch.full((1,), 1e-30) * 1e-10).item() == 0.0)
 

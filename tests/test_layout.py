@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import subprocess
 import sys
 import textwrap
@@ -219,3 +220,25 @@ def test_base_pruner_prune_contract():
         "the first item of a yielded group is no longer (root module, out-channel handler, indices)")
     rebuilt = pruner.DG.get_pruning_group(module, handler, idxs)
     assert {id(dep.target.module) for dep, _ in rebuilt} == {id(dep.target.module) for dep, _ in g}
+
+
+TRACKER_WORDS = re.compile(r"\bissue\s*#?\d+|\(issue\b|\bthe issue'?s?\b|\bticket\b", re.I)
+
+
+def _tracker_text(root: Path) -> list[str]:
+    hits = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix in {".py", ".cu", ".cuh", ".h"}:
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if TRACKER_WORDS.search(line):
+                    hits.append(f"{path.name}:{i}: {line.strip()}")
+    return hits
+
+
+def test_the_product_states_requirements_not_tracker_history(tmp_path):
+    """Code and kernels say what they require, never which ticket asked for it."""
+    repo = PKG.parent
+    assert _tracker_text(PKG) == [] and _tracker_text(repo / "cuda") == []
+    planted = tmp_path / "m.py"
+    planted.write_text('print("Goals (issue 14):")\nx = 1  # Python issues the next call\n')
+    assert _tracker_text(tmp_path) == ['m.py:1: print("Goals (issue 14):")']

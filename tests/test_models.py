@@ -1,4 +1,4 @@
-"""The model list of the issue: prune with DEPrune-BH, forward, check the structure."""
+"""The supported model list: prune with DEPrune-BH, forward, check the structure."""
 from __future__ import annotations
 
 import pytest

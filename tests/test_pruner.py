@@ -245,7 +245,7 @@ def test_step_benchmark_attribute_is_recorded():
     assert p.last_step_seconds is not None and p.last_step_seconds > 0
 
 
-# ---------------------------------------------------------------- API edges (issue 9)
+# ---------------------------------------------------------------- API edges
 def tiny():
     """Two DSConv blocks on a residual-free stream, small enough for many constructions."""
     return nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),

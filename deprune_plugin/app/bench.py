@@ -10,8 +10,8 @@ and medians compared, so drift and other load hit every runner alike; on a CPU e
   masks permanent, outputs checked); the pruned model under inductor (``torch.compile``, freezing on);
   the pruned eager model; and ``accelerate(pruned)`` (``backend="auto"``). Ratios: against unpruned eager,
   and each pruned runner against its unpruned twin under the same runtime.
-- GPU (``--dtype``, float16 by default; inputs channels_last; cuDNN benchmark mode on), the baselines of
-  ``docs/gpu_performance.md`` section 8: **B0** the unpruned model eager channels_last; **B1** the pruned
+- GPU (``--dtype``, float16 by default; inputs channels_last; cuDNN benchmark mode on), three baselines:
+  **B0** the unpruned model eager channels_last; **B1** the pruned
   model with BN folded (``accelerate(pruned, backend="torch")`` with its DW layers calling their dense conv
   directly), eager channels_last; **B2** B1 under ``torch.compile(mode="max-autotune")``; and
   ``accelerate(pruned)`` with and without DW+PW pair fusion and CUDA graphs (:data:`ACCEL_VARIANTS`). Every
@@ -19,7 +19,7 @@ and medians compared, so drift and other load hit every runner alike; on a CPU e
   logits' max-abs error, then per DW layer and per fused DW+PW pair of ``accel+fused`` its device time,
   logical bandwidth (input + output + kept weights) and that as a % of a device-to-device copy's; each pair
   is timed interleaved with its own B1 (the DW layer's dense conv, then the 1x1 conv, eager) and B2 (that
-  compiled). Last, the issue's goals (:func:`goals`), each met / missed with the measured ratio, or not
+  compiled). Last, the speed targets (:func:`goals`), each met / missed with the measured ratio, or not
   measured.
 """
 from __future__ import annotations
@@ -56,14 +56,14 @@ CPU_GAP_S = 0.01
 
 #: ``--dtype`` choices (GPU only: the CPU runners stay float32).
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-#: The GPU baselines (docs/gpu_performance.md section 8).
+#: The GPU baselines: unpruned eager, pruned eager with BN folded, that under torch.compile.
 B0, B1, B2 = "B0", "B1", "B2"
 #: ``accelerate(pruned)`` runners on the GPU: name -> (fuse_pairs, cuda_graphs).
 ACCEL_VARIANTS = {"accel": (False, False), "accel+fused": (True, False), "accel+graphs": (False, True),
                   "accel+fused+graphs": (True, True)}
 #: The runner whose DW layers and DW+PW pairs get per-layer rows.
 LAYERS_OF = "accel+fused"
-# The issue's goals. Per pair (docs section 8, target 2): the fused pair against its B1 and B2 at batch 32
+# Speed targets. Per pair: the fused pair against its B1 and B2 at batch 32
 # on these models. End to end: accelerate(pruned) against B0 on EfficientNet-B0 (the paper's DEPrune-BH
 # speedups on a 2080 Ti: 3.74x at batch 32, 1.90x at batch 1; there of the DSConv layers, here end to end).
 PAIR_GOALS = ((B1, 2.0), (B2, 1.5))
@@ -324,7 +324,7 @@ def _e2e_goal(entry: dict | None, model: str, batch: int, threshold: float) -> d
 
 
 def goals(entries: list[dict]) -> list[dict]:
-    """The issue's goals checked against the GPU entries of a run: per pair (:data:`PAIR_GOALS` on
+    """The speed targets checked against the GPU entries of a run: per pair (:data:`PAIR_GOALS` on
     :data:`PAIR_GOAL_MODELS` at batch :data:`PAIR_GOAL_BATCH`: the worst pair's ratio is the measured one)
     and end to end (:data:`E2E_GOALS`: the best ``accelerate(pruned)`` variant against B0). Each: goal,
     threshold, measured (None when not measured), status (met / missed / not measured), verdict, detail."""
@@ -565,7 +565,7 @@ def _print_gpu_entry(entry: dict, device: torch.device, reps: int) -> None:
 
 
 def _print_goals(found: list[dict]) -> None:
-    print("Goals (issue 14):")
+    print("Speed targets:")
     for g in found:
         print(f"  {g['goal']}: {g['verdict']}" + (f"; {g['detail']}" if g["detail"] else ""))
 

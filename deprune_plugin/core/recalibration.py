@@ -54,6 +54,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
                                     or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None, got {num_batches!r}")
+    if not isinstance(fold_constant, bool):
+        raise TypeError(f"fold_constant must be a bool, got {fold_constant!r}")
     bns = _batch_norms(model)
     if not bns:
         return model
