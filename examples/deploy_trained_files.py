@@ -50,6 +50,16 @@ def image_folder(root: Path, classes: int = 4, per_class: int = 30, size: int = 
     return root / "train"
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def check_file(path: Path, out_dir: Path) -> dict:
     model = load(path).eval()
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -97,7 +107,7 @@ def run(json_path: str | None) -> list[dict]:
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} files deploy with every edit, every runtime and an export")
     if json_path:
         Path(json_path).write_text(json.dumps({"command": "python examples/deploy_trained_files.py --json "
-                                               + json_path, "machine": platform.processor() or platform.machine(),
+                                               + json_path, "machine": cpu_name(),
                                                "torch": torch.__version__, "rows": rows}, indent=2))
     return rows
 
