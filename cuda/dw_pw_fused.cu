@@ -386,9 +386,10 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
     scalar_t* yn = y + static_cast<long long>(n) * OH * OW * CO;
     const scalar_t* rn = res != nullptr ? res + static_cast<long long>(n) * OH * OW * CO : nullptr;
 #if FU_USE_MMA
-    // "unroll 1": ptxas still keeps acc in registers, but schedules the stores without the spills full
-    // unrolling caused next to the DW phase's live registers (tests/test_dw_pw_fused_sass.py)
-#pragma unroll 1
+    // Fully unrolled: acc may only be indexed by compile-time constants. A rolled loop indexes acc[j] at run
+    // time, which puts the whole array in local memory (a stack frame, STL/LDL every chunk) while ptxas still
+    // reports 0 spill bytes (tests/test_dw_pw_fused_sass.py checks the stack frame and LDL/STL too).
+#pragma unroll
     for (int j = 0; j < TPW; ++j) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // rows group and group + 8

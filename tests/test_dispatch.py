@@ -355,3 +355,66 @@ def test_a_margin_keeps_the_listed_preference_unless_a_later_candidate_is_clearl
     assert pick({"dense": 1.0, "direct": 0.95, "dr": 0.80}, 0.1) == "dr"
     with pytest.raises(ValueError, match="margin"):
         KernelDispatcher({"dense": lambda x: x}, margin=1.0)
+
+
+# ---- the reference is computed without TF32 ----------------------------------------------------------
+
+def _tf32_flags() -> tuple[bool, bool]:
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def tf32_on():
+    """Both TF32 flags on (cuDNN's is PyTorch's default), whatever they were; restored after the test."""
+    saved = _tf32_flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_no_tf32_turns_both_flags_off_and_restores_them_also_on_error(tf32_on):
+    from deprune_plugin.core.precision import no_tf32
+    with no_tf32():
+        assert _tf32_flags() == (False, False)
+        with no_tf32():
+            assert _tf32_flags() == (False, False)
+        assert _tf32_flags() == (False, False)  # the inner block restores what it found: off
+    assert _tf32_flags() == (True, True)
+    with pytest.raises(RuntimeError, match="inside"):
+        with no_tf32():
+            raise RuntimeError("inside")
+    assert _tf32_flags() == (True, True)
+    torch.backends.cuda.matmul.allow_tf32 = False  # mixed settings come back as they were
+    with no_tf32():
+        pass
+    assert _tf32_flags() == (True, False)
+
+
+def test_the_reference_and_its_slack_run_without_tf32_and_the_flags_come_back(tf32_on):
+    """The check's reference call (the first call of the reference candidate) and the slack see TF32 off; the
+    other candidates and the timed calls run with the caller's flags, which hold again afterwards."""
+    calls: dict[str, list[tuple[bool, bool]]] = {"dense": [], "direct": [], "slack": []}
+
+    def record(name, out=None):
+        def fn(x, *rest):
+            calls[name].append(_tf32_flags())
+            return x * 2 if out is None else out
+        return fn
+
+    d = KernelDispatcher({"dense": record("dense"), "direct": record("direct")}, warmup=0, reps=2,
+                         calls_per_sample=1, timer=FakeClock().timer, slack=record("slack", 0.0))
+    d.select(torch.ones(1, 2, 3, 3))
+    assert calls == {"dense": [(False, False), (True, True), (True, True)],
+                     "direct": [(True, True)] * 3, "slack": [(False, False)]}
+    assert _tf32_flags() == (True, True)
+
+
+def test_flags_come_back_when_the_reference_raises(tf32_on):
+    def dense(x):
+        assert _tf32_flags() == (False, False)
+        raise RuntimeError("no reference")
+
+    d = KernelDispatcher({"dense": dense, "direct": lambda x: x}, warmup=0, reps=1, timer=FakeClock().timer)
+    with pytest.raises(RuntimeError, match="no reference"):
+        d.select(torch.ones(1, 2, 3, 3))
+    assert _tf32_flags() == (True, True)

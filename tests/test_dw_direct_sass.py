@@ -19,6 +19,7 @@ import torch
 from test_dw_direct_plan import EFFICIENTNET_B0, MOBILENET_V2, dw_geometry
 
 from deprune_plugin.kernels.dw_direct import dw_direct_plan
+from deprune_plugin.kernels.report import ptxas_local_memory, sass_local_instrs
 from deprune_plugin.kernels.sources import KernelSource, specialize
 
 NVCC = shutil.which("nvcc")
@@ -79,12 +80,13 @@ def _compile(code: str, arch: str, tmp: str) -> tuple[Path, str]:
     return cubin, proc.stdout + proc.stderr
 
 
-def ptxas_usage(log: str) -> tuple[int, int, int]:
-    """``(registers, spill store bytes, spill load bytes)`` of the one kernel in a ``-Xptxas -v`` log."""
+def ptxas_usage(log: str) -> tuple[int, int, int, int]:
+    """``(registers, stack frame bytes, spill store bytes, spill load bytes)`` of the one kernel in a
+    ``-Xptxas -v`` log (a run-time indexed array lives in the stack frame with 0 spill bytes)."""
     regs = re.findall(r"Used (\d+) registers", log)
-    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    assert len(regs) == 1 and len(spills) == 1, log
-    return int(regs[0]), int(spills[0][0]), int(spills[0][1])
+    frames = list(ptxas_local_memory(log).values())
+    assert len(regs) == 1 and len(frames) == 1, log
+    return (int(regs[0]), *frames[0])
 
 
 def sass_of(cubin: Path) -> str:
@@ -114,9 +116,12 @@ def test_the_layers_give_several_specialisations():
 @pytest.mark.parametrize("src", FP16_SOURCES + BF16_SOURCES[:3],
                          ids=[_id(s) + "-fp16" for s in FP16_SOURCES] + [_id(s) + "-bf16" for s in BF16_SOURCES[:3]])
 def test_layer_specialisations_compile_without_spills(src, arch, tmp_path):
-    regs, spill_st, spill_ld = ptxas_usage(_compile(src.code, arch, str(tmp_path))[1])
-    assert (spill_st, spill_ld) == (0, 0)
+    cubin, log = _compile(src.code, arch, str(tmp_path))
+    regs, stack, spill_st, spill_ld = ptxas_usage(log)
+    assert (stack, spill_st, spill_ld) == (0, 0, 0), log
     assert regs <= 128  # __launch_bounds__(256, 2)
+    if CUOBJDUMP is not None:
+        assert sass_local_instrs(sass_of(cubin)) == 0
 
 
 @pytest.mark.skipif(CUOBJDUMP is None, reason="cuobjdump not found")

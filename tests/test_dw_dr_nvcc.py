@@ -18,6 +18,7 @@ import torch
 
 from deprune_plugin.kernels.dw_dr import dw_dr_plan
 from deprune_plugin.kernels.launch import ConvGeometry
+from deprune_plugin.kernels.report import ptxas_local_memory, sass_local_instrs
 from deprune_plugin.kernels.sources import specialize
 
 NVCC = shutil.which("nvcc")
@@ -67,8 +68,10 @@ def hmma_count(sass: str) -> int:
     return len(re.findall(r"\bHMMA\.16816\.F32", sass))
 
 
-def spills(log: str) -> list[tuple[str, str]]:
-    return re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+def spills(log: str) -> list[tuple[int, int, int]]:
+    """``(stack frame, spill store, spill load)`` bytes per function in a ``-Xptxas -v`` log: a run-time indexed
+    array lives in the stack frame with 0 spill bytes, so a clean kernel has all three 0."""
+    return list(ptxas_local_memory(log).values())
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
@@ -82,7 +85,8 @@ def test_tensor_core_kernel_has_hmma_and_no_spills(tmp_path, layer, dtype, arch)
     # two MMAs (hi and lo weight) per m16 x n8 tile of a warp per K step: 2 m-tiles x 4 n-tiles for 32 channels
     assert hmma_count(sass) >= 16, sass[:2000]
     found = spills(log)
-    assert found and all(s == ("0", "0") for s in found), log
+    assert found and all(s == (0, 0, 0) for s in found), log
+    assert sass_local_instrs(sass) == 0, "LDL/STL in the SASS"
     registers = re.findall(r"Used (\d+) registers", log)
     print(f"{layer} {dtype} sm_{arch}: {registers} registers, {hmma_count(sass)} HMMA")
 
@@ -94,7 +98,8 @@ def test_fp32_kernel_runs_on_cuda_cores(tmp_path, arch):
     assert not plan.tensor_cores
     log, sass = compile_sass(tmp_path, plan.defines, arch)
     assert hmma_count(sass) == 0 and "FFMA" in sass
-    assert all(s == ("0", "0") for s in spills(log)), log
+    assert all(s == (0, 0, 0) for s in spills(log)), log
+    assert sass_local_instrs(sass) == 0, "LDL/STL in the SASS"
 
 
 def test_fp16_kernel_for_sm75_is_the_cuda_core_fallback(tmp_path):
@@ -103,4 +108,5 @@ def test_fp16_kernel_for_sm75_is_the_cuda_core_fallback(tmp_path):
     plan = dw_dr_plan(g, torch.float16, kept)
     log, sass = compile_sass(tmp_path, plan.defines, "75")
     assert hmma_count(sass) == 0 and "FFMA" in sass
-    assert all(s == ("0", "0") for s in spills(log)), log
+    assert all(s == (0, 0, 0) for s in spills(log)), log
+    assert sass_local_instrs(sass) == 0, "LDL/STL in the SASS"

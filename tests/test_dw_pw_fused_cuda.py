@@ -11,6 +11,7 @@ from deprune_plugin.accel import AccelerateConfig
 from deprune_plugin.accel.fused import FusedDSConv, ResidualPair
 from deprune_plugin.core.zoo import build_model, classifier_of
 from deprune_plugin.kernels import CompactTaps, dw_pw_fused
+from deprune_plugin.kernels.dw_pw_fused import fused_tap_tables
 
 from cuda_env import CUDA_MARKS
 from test_dw_pw_fused_emulation import CASES, DTYPES, fuzz_cases, make, reference
@@ -22,10 +23,24 @@ def _to_cuda(t: dict) -> dict:
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in t.items()}
 
 
+def formats(t: dict) -> dict:
+    """Everything a launch needs that takes host syncs to build (``CompactTaps``: ``nonzero``, ``.cpu()``;
+    the fused tap tables: ``repeat_interleave``; the 1x1 weight in the storage dtype), built once, before any
+    CUDA-graph capture, as ``accelerate()`` builds its formats at conversion time."""
+    taps = CompactTaps.from_dense(t["weight"], t["keep"])
+    fused_tap_tables(taps, 16 // t["x"].element_size())  # cached on taps: the launch finds them
+    return {"taps": taps, "pw": t["pw"].to(t["x"].dtype)}
+
+
+def launch(t: dict, fmt: dict, backend: str = "cupy") -> torch.Tensor:
+    """One fused launch from prebuilt formats: what a CUDA graph captures (nothing here syncs with the host;
+    tests/test_graph_capture_safety.py runs it on the CPU under a guard that raises on host syncs)."""
+    return dw_pw_fused(t["x"], fmt["taps"], t["dw_bias"], fmt["pw"], t["pw_bias"], stride=t["stride"],
+                       padding=t["pads"], dilation=t["dilation"], act=t["act"], residual=t["res"], backend=backend)
+
+
 def _run(t: dict) -> torch.Tensor:
-    return dw_pw_fused(t["x"], CompactTaps.from_dense(t["weight"], t["keep"]), t["dw_bias"], t["pw"],
-                       t["pw_bias"], stride=t["stride"], padding=t["pads"], dilation=t["dilation"], act=t["act"],
-                       residual=t["res"], backend="cupy")
+    return launch(t, formats(t))
 
 
 def _check(t: dict) -> None:
@@ -64,9 +79,12 @@ def test_runs_on_the_current_stream_and_under_graph_capture():
         y = _run(t)
     torch.cuda.current_stream().wait_stream(side)
     torch.testing.assert_close(y, expected)
+    fmt = formats(t)  # host syncs (nonzero, .cpu(), int(tensor)) are forbidden while a stream captures
+    launch(t, fmt)    # warm-up outside capture: compiles and loads the module
+    torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = _run(t)
+        out = launch(t, fmt)
     t["x"].copy_(t["x"].flip(0))
     graph.replay()
     torch.testing.assert_close(out, _run(t))

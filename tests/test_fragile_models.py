@@ -169,3 +169,22 @@ def test_the_runtime_choice_allows_the_models_own_rounding(monkeypatch):
         h = healthy(x)
     rm.eager = healthy
     assert rm._rounding_slack(h, x) < 1e-5 * h.abs().max().item()
+
+
+def test_the_self_check_runs_both_sides_without_tf32_and_restores_the_flags():
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return x * 2
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        inputs, _ = check_inputs(Spy(), (torch.randn(1, 3, 8, 8),))
+        assert outputs_agree(Spy(), inputs)[0]
+        assert seen and all(flags == (False, False) for flags in seen)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

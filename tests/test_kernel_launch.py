@@ -144,3 +144,40 @@ def test_a_request_above_the_device_maximum_launches_nothing(fake_cupy):
 def test_no_opt_in_below_48_kb(fake_cupy):
     cupy_launch.launch(None, "k", (1, 1, 1), (32, 1, 1), 40 * KB, [], torch.device("cuda", 1))
     assert fake_cupy.events == [("launch", 1, 40 * KB)] and fake_cupy.queries == []
+
+
+# ---- wrapping torch's stream for CuPy -----------------------------------------------------------------------
+
+def _fake_cupy_streams(protocol: bool):
+    """A CuPy with ``Stream.from_external`` (14+, protocol objects) or only ``ExternalStream`` (13)."""
+    made: list[tuple] = []
+
+    class Stream:
+        pass
+
+    if protocol:
+        Stream.from_external = staticmethod(lambda obj: made.append(("from_external", obj.__cuda_stream__()))
+                                            or object())
+
+    def external(ptr, device_id):
+        made.append(("ExternalStream", ptr, device_id))
+        return object()
+    cuda = SimpleNamespace(Stream=Stream, ExternalStream=external)
+    return SimpleNamespace(cuda=cuda), made
+
+
+@pytest.mark.parametrize("protocol", [True, False], ids=["cupy14", "cupy13"])
+def test_torch_stream_is_wrapped_without_the_deprecated_class_where_cupy_allows(monkeypatch, protocol):
+    fake, made = _fake_cupy_streams(protocol)
+    monkeypatch.setattr(cupy_launch, "_import_cupy", lambda: fake)
+    monkeypatch.setattr(cupy_launch, "_STREAMS", {})
+    ptr = [0x7F00]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index=None: SimpleNamespace(cuda_stream=ptr[0]))
+    first = cupy_launch._external_stream(1)
+    assert cupy_launch._external_stream(1) is first  # cached per (device, stream pointer)
+    ptr[0] = 0x7F80  # another current stream (torch.cuda.stream(...), graph capture): wrapped anew
+    assert cupy_launch._external_stream(1) is not first
+    if protocol:
+        assert made == [("from_external", (0, 0x7F00)), ("from_external", (0, 0x7F80))]
+    else:
+        assert made == [("ExternalStream", 0x7F00, 1), ("ExternalStream", 0x7F80, 1)]

@@ -11,7 +11,9 @@ variance is ~0 divides by ``sqrt(eps)`` and amplifies rounding ~300x), and then 
 (BN folding, channels_last, another runtime) differs from it by more than a fixed tolerance. So for fp32
 sources the check also runs the source in float64: outputs are compared with that exact reference, and the
 tolerance grows by :data:`SLACK_FACTOR` times the source's own fp32-vs-float64 error, which a failure
-message reports. A wrong layer is off by the activations' scale and is still caught.
+message reports. A wrong layer is off by the activations' scale and is still caught. Both sides of every
+comparison run without TF32 (PyTorch enables it for cuDNN convs by default, ~1e-3 relative): the check is
+of the fp32 math, not of a precision the source never promised.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from ..core.agreement import agreement
+from ..core.precision import no_tf32
 from .convert import Edit
 
 __all__ = ["CheckInput", "SLACK_FACTOR", "check_inputs", "outputs_agree", "verify_edits"]
@@ -75,19 +78,20 @@ def check_inputs(model: nn.Module, example: tuple, exact: bool = True) -> tuple[
 
     With ``exact`` and a fp32 ``model``, a float64 copy of it also runs on each input (see the module doc).
     """
-    out = [CheckInput(f"example input {_shape(example)}", example, model(*example))]
-    notes = []
-    second = _second_input(example)
-    if second is not None:
-        try:
-            out.append(CheckInput(f"second input {_shape(second)}", second, model(*second)))
-        except Exception as e:  # noqa: BLE001 - the model itself does not take that size: nothing to check
-            notes.append(f"second input {_shape(second)} skipped: the source model does not accept it "
-                         f"({type(e).__name__})")
-    if exact:
-        note = _add_exact(model, out)
-        if note:
-            notes.append(note)
+    with no_tf32():
+        out = [CheckInput(f"example input {_shape(example)}", example, model(*example))]
+        notes = []
+        second = _second_input(example)
+        if second is not None:
+            try:
+                out.append(CheckInput(f"second input {_shape(second)}", second, model(*second)))
+            except Exception as e:  # noqa: BLE001 - the model itself does not take that size: nothing to check
+                notes.append(f"second input {_shape(second)} skipped: the source model does not accept it "
+                             f"({type(e).__name__})")
+        if exact:
+            note = _add_exact(model, out)
+            if note:
+                notes.append(note)
     return out, notes
 
 
@@ -131,7 +135,7 @@ def _shape(args: tuple) -> str:
 def outputs_agree(model: Callable[..., Any], inputs: Sequence[CheckInput]) -> tuple[bool, str]:
     """``(True, "")`` when ``model`` (a module or any callable) reproduces every expected output, else
     ``(False, reason)``."""
-    with torch.no_grad():
+    with torch.no_grad(), no_tf32():
         for item in inputs:
             try:
                 got = model(*item.args)

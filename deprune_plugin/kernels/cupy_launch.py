@@ -6,7 +6,8 @@
 - Tensors are passed as raw pointers (``t.data_ptr()``) and outputs are allocated by torch, so the caching
   allocator and CUDA-graph capture see every buffer. CuPy allocates nothing per call.
 - The launch goes to ``torch.cuda.current_stream()`` read per call (it changes under ``torch.cuda.stream``
-  and graph capture) through a cached ``cupy.cuda.ExternalStream``.
+  and graph capture) wrapped once per stream pointer (:func:`wrap_stream`: ``cupy.cuda.Stream.from_external``,
+  or ``ExternalStream`` before CuPy 14).
 - CuPy is imported lazily: this module imports (and :func:`cupy_available` answers) without it.
 
 - Dynamic shared memory above the default 48 KB is opted in per kernel inside the tensor's device
@@ -132,13 +133,35 @@ def max_dynamic_smem(device: torch.device | int) -> int:
     return limit
 
 
+class _ForeignStream:
+    """A stream handle in the CUDA stream protocol (``__cuda_stream__() -> (version 0, cudaStream_t)``)."""
+
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int) -> None:
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return 0, self.ptr
+
+
+def wrap_stream(cupy: Any, ptr: int, device_index: int) -> Any:
+    """A CuPy stream for a stream CuPy does not own (torch's): ``cupy.cuda.Stream.from_external`` through the
+    CUDA stream protocol where CuPy has it (14+, which deprecates ``ExternalStream``), else
+    ``cupy.cuda.ExternalStream`` (CuPy 13). Call it inside ``cupy.cuda.Device(device_index)``: a protocol
+    stream belongs to the current device."""
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        return from_external(_ForeignStream(ptr))
+    return cupy.cuda.ExternalStream(ptr, device_index)
+
+
 def _external_stream(device_index: int):
-    cupy = _import_cupy()
     ptr = torch.cuda.current_stream(device_index).cuda_stream
     key = (device_index, ptr)
     stream = _STREAMS.get(key)
     if stream is None:
-        stream = _STREAMS[key] = cupy.cuda.ExternalStream(ptr, device_index)
+        stream = _STREAMS[key] = wrap_stream(_import_cupy(), ptr, device_index)
     return stream
 
 

@@ -4,8 +4,9 @@ No kernel wins everywhere (a dense cuDNN DW conv, the direct tap-sparse kernel a
 places with shape, dtype, layout and kept-tap count), so each layer owns a :class:`KernelDispatcher` over
 its candidate callables. On the first call with a new input signature it
 
-1. runs the **reference** candidate (the dense conv, listed first by default) and every other candidate,
-   and compares each output with the reference (:func:`deprune_plugin.core.agreement.agreement`,
+1. runs the **reference** candidate (the dense conv, listed first by default; with TF32 off, see
+   :func:`deprune_plugin.core.precision.no_tf32`) and every other candidate, and compares each output with the
+   reference (:func:`deprune_plugin.core.agreement.agreement`,
    dtype-aware). A candidate that raises or disagrees is **dropped** for that signature, warned about once
    per layer and candidate, and listed with its reason in :attr:`Choice.dropped`. A CUDA error is never
    treated as "this candidate cannot run": it is re-raised, since a sticky context error would make every
@@ -28,6 +29,7 @@ from typing import Any, Callable, Hashable, Mapping
 import torch
 
 from ..core.agreement import agreement
+from ..core.precision import no_tf32
 from ..core.timing import CallTime, time_call
 
 __all__ = ["Choice", "KernelDispatcher", "Timer", "dispatch_key", "is_cuda_error"]
@@ -214,8 +216,10 @@ class KernelDispatcher:
 
     def _select(self, x: torch.Tensor, args: tuple, kwargs: dict) -> Choice:
         dropped: dict[str, str] = {}
-        ref = self.candidates[self.reference](x, *args, **kwargs)  # raises: nothing to fall back to
-        slack = self.slack(ref, x, *args, **kwargs) if self.check and self.slack is not None else 0.0
+        # Without TF32: a cuDNN fp32 reference would otherwise carry ~1e-3 error, more than the fp32 check allows
+        with no_tf32():
+            ref = self.candidates[self.reference](x, *args, **kwargs)  # raises: nothing to fall back to
+            slack = self.slack(ref, x, *args, **kwargs) if self.check and self.slack is not None else 0.0
         passed = [self.reference]
         for name, fn in self.candidates.items():
             if name == self.reference:

@@ -35,7 +35,10 @@ THREADS = 256                      # the kernel's block (and __launch_bounds__)
 _VECTOR_BYTES = 16
 _PIXEL_TILES = ((1, 16), (2, 8), (4, 4), (2, 16), (4, 8), (8, 4), (4, 16), (8, 8), (16, 4), (8, 16), (16, 8))
 _CHUNKS = (16, 32, 64)
-_MAX_ACC = 40                      # fp32 accumulators per thread: 40 fit 128 registers unspilled (ptxas)
+_MAX_ACC = 40                      # fp32 accumulators per thread on CUDA cores (<= 255 registers, one CTA/SM)
+# On tensor cores (two CTAs per SM, <= 128 registers) the accumulators stay live through the DW phase: with 40
+# ptxas spills (a stack frame), with 32 it does not (tests/test_dw_pw_fused_sass.py, every MobileNetV2 plan).
+_MAX_ACC_MMA = 32
 _PARALLEL_CTAS = 264               # 2 CTAs per SM on a 132-SM H100: fewer leave SMs idle (soft penalty)
 _L2_WEIGHT = 0.25                  # per-CTA weight reads mostly hit L2: counted at a quarter of DRAM cost
 _CHUNK_COST = 2048                 # bytes-equivalent of one chunk iteration's three barriers and set-up
@@ -67,14 +70,14 @@ def fused_smem_bytes(g: ConvGeometry, elem: int, tile_h: int, tile_w: int, kc: i
     return fixed + -(-g.c // kc) * halo
 
 
-def _cob_options(p: int, co: int) -> list[int]:
+def _cob_options(p: int, co: int, max_acc: int = _MAX_ACC) -> list[int]:
     """Output-channel blocks valid for ``p`` pixels: multiples of 8 with whole n8 tiles per warp
-    (``(p / 16) * (cob / 8)`` a multiple of 8) and whole outputs per thread, at most :data:`_MAX_ACC`
+    (``(p / 16) * (cob / 8)`` a multiple of 8) and whole outputs per thread, at most ``max_acc``
     accumulators per thread; from the smallest covering ``co`` in one block down to narrower ones."""
     mt, step = p // 16, 8
     out = []
     for cob in range(step, 8 * 1024 + 1, step):
-        if (mt * (cob // 8)) % 8 or cob % (THREADS // p) or p * cob > _MAX_ACC * THREADS:
+        if (mt * (cob // 8)) % 8 or cob % (THREADS // p) or p * cob > max_acc * THREADS:
             continue
         out.append(cob)
         if cob >= co:
@@ -82,7 +85,7 @@ def _cob_options(p: int, co: int) -> list[int]:
     return out
 
 
-def _candidates(g: ConvGeometry, co: int, elem: int, limit: int) -> list[tuple]:
+def _candidates(g: ConvGeometry, co: int, elem: int, limit: int, max_acc: int = _MAX_ACC) -> list[tuple]:
     """``(cost, tile_h, tile_w, kc, cob, walk, smem, ctas, staged elements)`` of every plan within ``limit`` bytes
     of shared memory. Cost (bytes): staged input (halos, minus the rows a walk keeps, and the recompute of one
     DW tile per block of output channels included) + per-tile 1x1 weight reads at L2 weight + a per-chunk
@@ -100,7 +103,7 @@ def _candidates(g: ConvGeometry, co: int, elem: int, limit: int) -> list[tuple]:
             for kc in _CHUNKS:
                 if kc > max(c16, 16):
                     break
-                for cob in _cob_options(p, co):
+                for cob in _cob_options(p, co, max_acc):
                     smem = fused_smem_bytes(g, elem, th, tw, kc, cob, walk)
                     if smem > limit:
                         continue
@@ -144,7 +147,9 @@ def _unfused_bytes(g: ConvGeometry, co: int, elem: int, taps: int, act: bool, re
 def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bool, act: str, residual: bool,
           taps: int) -> KernelPlan:
     elem = _elem(dtype)
-    cands = _candidates(g, co, elem, min(DEFAULT_SMEM_LIMIT, smem_limit)) or _candidates(g, co, elem, smem_limit)
+    max_acc = _MAX_ACC_MMA if mma and elem == 2 else _MAX_ACC
+    cands = (_candidates(g, co, elem, min(DEFAULT_SMEM_LIMIT, smem_limit), max_acc)
+             or _candidates(g, co, elem, smem_limit, max_acc))
     if not cands:
         raise ValueError(f"a fused {g.kh}x{g.kw} stride {(g.sh, g.sw)} pair with {co} outputs needs more shared "
                          f"memory than the {smem_limit} bytes the device allows")

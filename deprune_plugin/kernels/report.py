@@ -86,7 +86,7 @@ _dr_mod = importlib.import_module(f"{__package__}.dw_dr")
 _fused_mod = importlib.import_module(f"{__package__}.dw_pw_fused")
 
 __all__ = ["ARCHS", "Arch", "DWLayer", "KERNELS", "SassStats", "analyze_sass", "compile_stats", "find_tool",
-           "kernel_plan", "kernel_report", "occupancy", "print_report"]
+           "kernel_plan", "kernel_report", "occupancy", "print_report", "ptxas_local_memory", "sass_local_instrs"]
 
 #: Kernel variants the report knows: the two DW kernels and the fused DW + 1x1 pair (rows only for layers
 #: with a fusable 1x1 conv after them, :attr:`DWLayer.pw_out`).
@@ -289,6 +289,34 @@ class CompileStats:
     spill_bytes: int
     static_smem: int
     sass: str
+    #: ptxas's "bytes stack frame": local memory the kernel keeps (e.g. an array indexed at run time), which
+    #: costs the same LDL/STL traffic as a spill but is not counted in ``spill_bytes``
+    stack_bytes: int = 0
+    #: LDL/STL instructions in the SASS (any local-memory access, whatever ptxas calls it)
+    local_instrs: int = 0
+
+    @property
+    def local_memory(self) -> bool:
+        """Whether the kernel touches local memory at all: spills, a stack frame or LDL/STL in its SASS. Every
+        kernel of the project must keep this False (its accumulators and tap sums belong in registers)."""
+        return bool(self.spill_bytes or self.stack_bytes or self.local_instrs)
+
+
+_LOCAL_INSTR = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(?:LDL|STL)\b")
+_PTXAS_FRAME = re.compile(r"Function properties for (\S+)\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill "
+                          r"stores, (\d+) bytes spill loads")
+
+
+def ptxas_local_memory(log: str) -> dict[str, tuple[int, int, int]]:
+    """``{function: (stack frame bytes, spill store bytes, spill load bytes)}`` from an ``-Xptxas -v`` log. A
+    spill check must look at all three: an array indexed at run time lives in the stack frame with 0 spill
+    bytes reported, yet every access is an LDL/STL."""
+    return {m.group(1): (int(m.group(2)), int(m.group(3)), int(m.group(4))) for m in _PTXAS_FRAME.finditer(log)}
+
+
+def sass_local_instrs(sass: str) -> int:
+    """LDL/STL (local-memory load/store) instructions in ``cuobjdump -sass`` output."""
+    return len(_LOCAL_INSTR.findall(sass))
 
 
 def compile_stats(code: str, entry: str, arch: str, nvcc: str | None = None) -> CompileStats:
@@ -317,15 +345,14 @@ def compile_stats(code: str, entry: str, arch: str, nvcc: str | None = None) -> 
             (Path(tmp) / "k.cubin").replace(cubin)
             log_path.write_text(proc.stdout + proc.stderr)
     log = log_path.read_text()
-    m = re.search(rf"Function properties for {re.escape(entry)}\s*\n\s*(\d+) bytes stack frame, (\d+) bytes spill "
-                  r"stores, (\d+) bytes spill loads", log)
-    spills = int(m.group(2)) + int(m.group(3)) if m else 0
+    stack, spill_st, spill_ld = ptxas_local_memory(log).get(entry, (0, 0, 0))
     res = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, check=True).stdout
     m = re.search(rf"Function {re.escape(entry)}:\s*\n\s*REG:(\d+)\s+STACK:\d+\s+SHARED:(\d+)", res)
     if m is None:
         raise RuntimeError(f"cuobjdump -res-usage shows no function {entry}:\n{res}")
     sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    return CompileStats(int(m.group(1)), spills, int(m.group(2)), _function_sass(sass, entry))
+    text = _function_sass(sass, entry)
+    return CompileStats(int(m.group(1)), spill_st + spill_ld, int(m.group(2)), text, stack, sass_local_instrs(text))
 
 
 def _function_sass(sass: str, entry: str) -> str:
