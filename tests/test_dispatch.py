@@ -418,3 +418,46 @@ def test_flags_come_back_when_the_reference_raises(tf32_on):
     with pytest.raises(RuntimeError, match="no reference"):
         d.select(torch.ones(1, 2, 3, 3))
     assert _tf32_flags() == (True, True)
+
+
+def test_cold_l2_timing_flushes_before_every_call_and_counts_only_the_calls(monkeypatch):
+    """With ``cold_l2`` each call gets its own events after an L2 flush, so the flush's time is not counted."""
+    import contextlib
+
+    import deprune_plugin.core.timing as timing
+
+    log: list[str] = []
+    clock = [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing: bool = False) -> None:
+            self.t = None
+
+        def record(self) -> None:
+            log.append("record")
+            self.t = clock[0]
+
+        def synchronize(self) -> None:
+            pass
+
+        def elapsed_time(self, other: "FakeEvent") -> float:  # milliseconds, as CUDA events give them
+            return (other.t - self.t) * 1e3
+
+    def fake_flush(device) -> None:
+        log.append("flush")
+        clock[0] += 5.0  # an expensive flush: must not show in the result
+
+    def fn() -> None:
+        log.append("call")
+        clock[0] += 0.25
+
+    monkeypatch.setattr(timing.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(timing.torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(timing.torch.cuda, "_sleep", lambda cycles: None)
+    monkeypatch.setattr(timing, "flush_l2", fake_flush)
+    t = timing.time_call(fn, torch.device("cuda", 0), reps=3, cold_l2=True)
+    assert log == ["flush", "record", "call", "record"] * 3
+    assert t.device_s == pytest.approx(0.25)
+    log.clear()
+    warm = timing.time_call(fn, torch.device("cuda", 0), reps=3)  # default: back to back, no flush
+    assert log == ["record", "call", "call", "call", "record"] and warm.device_s == pytest.approx(0.25)

@@ -39,6 +39,16 @@ What the emulation checks (see the header for the details):
 
   Loading a sanitized build in a process without the ASan runtime raises a RuntimeError saying so, instead
   of aborting. The tests run their sanitized checks that way (``tests/test_emulation_checks.py``).
+- **ThreadSanitizer** (``sanitize="thread"`` or ``$DEPRUNE_EMU_SANITIZE=thread``): built with
+  ``-fsanitize=thread -fno-omit-frame-pointer -g`` (cached apart; TSan cannot be combined with ASan). The
+  emulated threads of a block are real OS threads and ``__syncthreads()`` is a ``std::barrier`` (header-only,
+  so its atomics are instrumented too), so TSan sees exactly the ordering the barriers give: a missing
+  barrier is a data race on shared memory, reported even when the stale value read happens to be right
+  (e.g. a write-after-read race where the old and the new chunk hold equal data, which no numeric check
+  sees). Like ASan the runtime must come first: :func:`sanitizer_env` with ``kind="thread"`` preloads
+  ``libtsan.so`` and sets ``TSAN_OPTIONS`` (``exitcode=66``: a race fails the process at exit) and
+  ``DEPRUNE_EMU_SANITIZE=thread``. A kernel in which some threads skip a barrier hangs the emulation, so run
+  these processes with a timeout (``subprocess.run(..., timeout=...)``).
 """
 from __future__ import annotations
 
@@ -59,14 +69,22 @@ from typing import Iterator, Mapping, Sequence
 
 from .sources import EMULATION_HEADER, KernelArg, KernelSource
 
-__all__ = ["SANITIZE_FLAGS", "LaunchRecord", "Target", "asan_runtime_loaded", "cache_dir", "default_target",
-           "emulation_available", "launch", "record_launches", "sanitize_requested", "sanitizer_available",
-           "sanitizer_env", "static_shared_arrays"]
+__all__ = ["SANITIZE_FLAGS", "TSAN_FLAGS", "LaunchRecord", "Target", "asan_runtime_loaded", "cache_dir",
+           "default_target", "emulation_available", "launch", "record_launches", "requested_sanitizer",
+           "sanitize_requested", "sanitizer_available", "sanitizer_env", "static_shared_arrays",
+           "tsan_runtime_loaded"]
 
 _CXX_FLAGS = ("-O2", "-std=c++20", "-shared", "-fPIC", "-pthread")
 #: Extra flags of a sanitized build (``sanitize=True``).
 SANITIZE_FLAGS = ("-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined",
                   "-g")
+#: Extra flags of a ThreadSanitizer build (``sanitize="thread"``).
+TSAN_FLAGS = ("-fsanitize=thread", "-fno-omit-frame-pointer", "-g")
+# Sanitizer kind -> (build flags, library name suffix, runtime library, entry symbol of that runtime).
+_SANITIZERS = {"address": (SANITIZE_FLAGS, "-asan", "libasan.so", "__asan_init"),
+               "thread": (TSAN_FLAGS, "-tsan", "libtsan.so", "__tsan_init")}
+_KIND_WORDS = {"1": "address", "true": "address", "yes": "address", "on": "address", "address": "address",
+               "asan": "address", "thread": "thread", "tsan": "thread"}
 _CTYPES = {"ptr": ctypes.c_void_p, "i32": ctypes.c_int, "f32": ctypes.c_float}
 _CPP_TYPES = {"ptr": "void*", "i32": "int", "f32": "float"}
 _SHARED_SECTION = "deprune_shared"  # where the header puts static __shared__ arrays
@@ -120,9 +138,27 @@ def cache_dir() -> Path:
 
 # ---- sanitizers ------------------------------------------------------------------------------------
 
+def requested_sanitizer() -> str | None:
+    """The sanitizer ``$DEPRUNE_EMU_SANITIZE`` asks for: ``"address"`` (``1``, ``true``, ``yes``, ``on``,
+    ``address``, ``asan``: ASan + UBSan), ``"thread"`` (``thread``, ``tsan``) or None."""
+    return _KIND_WORDS.get(os.environ.get("DEPRUNE_EMU_SANITIZE", "").strip().lower())
+
+
 def sanitize_requested() -> bool:
-    """Whether ``$DEPRUNE_EMU_SANITIZE`` asks for sanitized builds (``1``, ``true``, ``yes``)."""
-    return os.environ.get("DEPRUNE_EMU_SANITIZE", "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether ``$DEPRUNE_EMU_SANITIZE`` asks for sanitized builds (of either kind, see
+    :func:`requested_sanitizer`)."""
+    return requested_sanitizer() is not None
+
+
+def _sanitizer_kind(sanitize: bool | str | None) -> str | None:
+    """``launch``'s ``sanitize`` as a kind: None (default: the environment's), False, True (ASan), a kind."""
+    if sanitize is None:
+        return requested_sanitizer()
+    if isinstance(sanitize, bool):
+        return "address" if sanitize else None
+    if sanitize not in _SANITIZERS:
+        raise ValueError(f"unknown sanitizer {sanitize!r}; expected one of {sorted(_SANITIZERS)}")
+    return sanitize
 
 
 @lru_cache(maxsize=8)
@@ -136,21 +172,23 @@ def _compiler_file(cxx: str, name: str) -> str | None:
     return os.path.realpath(out) if out and os.path.isabs(out) and os.path.exists(out) else None
 
 
-def _preload_libraries() -> tuple[list[str], str]:
-    """``(libraries to LD_PRELOAD, "")`` for a sanitized process, or ``([], reason)``."""
+def _preload_libraries(kind: str = "address") -> tuple[list[str], str]:
+    """``(libraries to LD_PRELOAD, "")`` for a process sanitized by ``kind``, or ``([], reason)``."""
     ok, cxx = emulation_available()
     if not ok:
         return [], cxx
-    asan = _compiler_file(cxx, "libasan.so")
-    if asan is None:
-        return [], f"{cxx} -print-file-name=libasan.so names no library (install libasan for this compiler)"
+    name = _SANITIZERS[kind][2]
+    runtime = _compiler_file(cxx, name)
+    if runtime is None:
+        return [], f"{cxx} -print-file-name={name} names no library (install {name[:-3]} for this compiler)"
     stdcxx = _compiler_file(cxx, "libstdc++.so")
-    return [asan] + ([stdcxx] if stdcxx else []), ""
+    return [runtime] + ([stdcxx] if stdcxx else []), ""
 
 
-def sanitizer_available() -> tuple[bool, str]:
-    """``(True, LD_PRELOAD value)`` if sanitized emulation builds can run, else ``(False, reason)``."""
-    libs, why = _preload_libraries()
+def sanitizer_available(kind: str = "address") -> tuple[bool, str]:
+    """``(True, LD_PRELOAD value)`` if emulation builds sanitized by ``kind`` (``"address"``: ASan + UBSan,
+    ``"thread"``: TSan) can run, else ``(False, reason)``."""
+    libs, why = _preload_libraries(kind)
     return (True, " ".join(libs)) if libs else (False, why)
 
 
@@ -159,7 +197,12 @@ def asan_runtime_loaded() -> bool:
     return hasattr(ctypes.CDLL(None), "__asan_init")
 
 
-def sanitizer_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+def tsan_runtime_loaded() -> bool:
+    """Whether this process runs with the ThreadSanitizer runtime (``sanitizer_env(kind="thread")``)."""
+    return hasattr(ctypes.CDLL(None), "__tsan_init")
+
+
+def sanitizer_env(env: Mapping[str, str] | None = None, kind: str = "address") -> dict[str, str]:
     """Environment for a subprocess that runs the emulation sanitized: ``env`` (default ``os.environ``) plus
 
     - ``LD_PRELOAD`` of the compiler's ``libasan.so`` and then ``libstdc++.so``: the ASan runtime must come
@@ -169,12 +212,20 @@ def sanitizer_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     - ``ASAN_OPTIONS=detect_leaks=0`` (CPython and torch keep memory until exit on purpose),
       ``UBSAN_OPTIONS=print_stacktrace=1`` and ``DEPRUNE_EMU_SANITIZE=1``.
 
+    With ``kind="thread"``: ``libtsan.so`` instead of ``libasan.so``, ``TSAN_OPTIONS=exitcode=66`` (a reported
+    race makes the process exit with 66 once it ends; the emulation's threads are joined by then, so every
+    race of a launch is reported) and ``DEPRUNE_EMU_SANITIZE=thread``.
+
     Raises RuntimeError when no sanitizer runtime is installed (see :func:`sanitizer_available`)."""
-    ok, preload = sanitizer_available()
+    ok, preload = sanitizer_available(kind)
     if not ok:
         raise RuntimeError(preload)
     out = dict(os.environ if env is None else env)
     out["LD_PRELOAD"] = " ".join(p for p in (preload, out.get("LD_PRELOAD", "")) if p)
+    if kind == "thread":
+        out["TSAN_OPTIONS"] = ":".join(p for p in ("exitcode=66", out.get("TSAN_OPTIONS", "")) if p)
+        out["DEPRUNE_EMU_SANITIZE"] = "thread"
+        return out
     out["ASAN_OPTIONS"] = ":".join(p for p in ("detect_leaks=0", out.get("ASAN_OPTIONS", "")) if p)
     out["UBSAN_OPTIONS"] = ":".join(p for p in ("print_stacktrace=1", out.get("UBSAN_OPTIONS", "")) if p)
     out["DEPRUNE_EMU_SANITIZE"] = "1"
@@ -270,17 +321,17 @@ extern "C" int deprune_emu_{entry}(unsigned gx, unsigned gy, unsigned gz,
 """
 
 
-def _build(src: KernelSource, entry: str, kinds: tuple[str, ...], sanitize: bool) -> Path:
+def _build(src: KernelSource, entry: str, kinds: tuple[str, ...], sanitize: str | None) -> Path:
     ok, cxx = emulation_available()
     if not ok:
         raise RuntimeError(cxx)
-    flags = _CXX_FLAGS + (SANITIZE_FLAGS if sanitize else ())
+    flags = _CXX_FLAGS + (_SANITIZERS[sanitize][0] if sanitize else ())
     header = (src.directory / EMULATION_HEADER).read_text()
     code = src.code + _wrapper(entry, kinds)
     key = hashlib.sha256("\0".join([code, header, cxx, *flags]).encode()).hexdigest()[:24]
     out_dir = cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    lib_path = out_dir / f"{Path(src.name).stem}-{entry}-{key}{'-asan' if sanitize else ''}.so"
+    lib_path = out_dir / f"{Path(src.name).stem}-{entry}-{key}{_SANITIZERS[sanitize][1] if sanitize else ''}.so"
     if not lib_path.exists():
         # Private build directory + atomic rename: concurrent processes never load a half-written library.
         # The specialised source is kept next to the library (sanitizer reports point at its lines).
@@ -300,17 +351,22 @@ def _build(src: KernelSource, entry: str, kinds: tuple[str, ...], sanitize: bool
     return lib_path
 
 
-def _library(src: KernelSource, entry: str, kinds: tuple[str, ...], sanitize: bool
+def _library(src: KernelSource, entry: str, kinds: tuple[str, ...], sanitize: str | None
              ) -> tuple[ctypes.CDLL, dict[str, int]]:
     key = (src.hash, str(src.directory), entry, kinds, sanitize)
     with _LOCK:
         hit = _LIBS.get(key)
         if hit is None:
-            if sanitize and not asan_runtime_loaded():
+            if sanitize == "address" and not asan_runtime_loaded():
                 raise RuntimeError(
                     "a sanitized emulation build needs the AddressSanitizer runtime loaded first in the process: "
                     "run it in a subprocess with deprune_plugin.kernels.emulation.sanitizer_env() "
                     "(LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0)")
+            if sanitize == "thread" and not tsan_runtime_loaded():
+                raise RuntimeError(
+                    "a ThreadSanitizer emulation build needs the TSan runtime loaded first in the process: run it "
+                    "in a subprocess with deprune_plugin.kernels.emulation.sanitizer_env(kind=\"thread\") "
+                    "(LD_PRELOAD=$(g++ -print-file-name=libtsan.so))")
             path = _build(src, entry, kinds, sanitize)
             hit = _LIBS[key] = (ctypes.CDLL(str(path)), _elf_shared_objects(path))
     return hit
@@ -320,7 +376,7 @@ def static_shared_arrays(src: KernelSource, entry: str, kinds: Sequence[str] = (
     """``{"kernel::array": bytes}`` of the static ``__shared__`` arrays kernel ``entry`` of ``src`` declares in
     its emulated build (``sizeof`` of each, from the library's symbol table); builds it if needed. ``kinds`` selects the
     wrapper (the argument kinds of a launch); the arrays do not depend on it."""
-    _, objects = _library(src, entry, tuple(kinds), False)
+    _, objects = _library(src, entry, tuple(kinds), None)
     return _kernel_shared_arrays(objects, entry)
 
 
@@ -361,16 +417,17 @@ def record_launches() -> Iterator[list[LaunchRecord]]:
 
 def launch(src: KernelSource, entry: str, grid: tuple[int, int, int], block: tuple[int, int, int],
            smem_bytes: int, args: Sequence[KernelArg], *, target: Target | None = None,
-           sanitize: bool | None = None) -> None:
+           sanitize: bool | str | None = None) -> None:
     """Run ``entry<<<grid, block, smem_bytes>>>(args)`` of ``src`` on the CPU, synchronously.
 
-    ``target``: shared-memory limits (default :func:`default_target`); ``sanitize``: use the ASan/UBSan build
-    (default :func:`sanitize_requested`; needs the ASan runtime in the process, see :func:`sanitizer_env`).
+    ``target``: shared-memory limits (default :func:`default_target`); ``sanitize``: True or ``"address"`` for
+    the ASan/UBSan build, ``"thread"`` for the TSan build, False for the plain one (default
+    :func:`requested_sanitizer`; each needs its runtime in the process, see :func:`sanitizer_env`).
     Raises RuntimeError, before running anything, for a launch a GPU would refuse.
     Pointer arguments must address CPU memory that stays alive for the call (ctypes releases the GIL).
     """
     target = default_target() if target is None else target
-    sanitize = sanitize_requested() if sanitize is None else sanitize
+    sanitize = _sanitizer_kind(sanitize)
     kinds = tuple(a.kind for a in args)
     lib, objects = _library(src, entry, kinds, sanitize)
     arrays = _kernel_shared_arrays(objects, entry)
