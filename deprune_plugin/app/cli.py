@@ -10,6 +10,8 @@ Subcommands:
 - ``deprune bench ...``: speed benchmark (:mod:`deprune_plugin.app.bench`).
 - ``deprune kernels ...``: static performance report of the DW kernels (registers, spills, occupancy, load
   widths, modelled time) on a pruned model's DW layers, no GPU needed (:mod:`deprune_plugin.app.kernel_report`).
+- ``deprune gpu-check --out DIR``: every GPU measurement and check in one run, one JSON
+  (:mod:`deprune_plugin.app.gpu_check`); ``--dry-run`` rehearses it on the CPU.
 
 Bad input is reported as one line ``deprune: error: ...`` on stderr with exit status 2, and is detected
 before any training starts, so a failed call writes nothing. An exported file that its check refuses is
@@ -199,6 +201,28 @@ def _run_kernels(args: argparse.Namespace) -> int:
     return kernel_report.main(args)
 
 
+def _add_gpu_check(sub: argparse._SubParsersAction) -> None:
+    from . import gpu_check
+
+    p = sub.add_parser("gpu-check", help="on a GPU: tests, sanitizers, kernel timings, bench; one JSON",
+                       description=gpu_check.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu_check.add_arguments(p)
+    p.set_defaults(func=_run_gpu_check)
+
+
+def _run_gpu_check(args: argparse.Namespace) -> int:
+    from . import gpu_check
+
+    _check_creatable_dir(args.out, "--out")
+    try:
+        config = gpu_check.config_from_args(args)
+        config.validate()
+    except ValueError as e:
+        _fail(str(e))
+    gpu_check.run_gpu_check(config)  # records failed steps in its JSON; the run itself succeeded
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``deprune`` argument parser (errors raise :class:`BadInput`)."""
     parser = _Parser(prog=PROG, description="DEPrune for torch-pruning: prune, inspect and benchmark DSConv CNNs.",
@@ -237,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_compare(sub)
     _add_kernels(sub)
+    _add_gpu_check(sub)
     sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser
 

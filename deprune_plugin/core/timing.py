@@ -117,7 +117,8 @@ def _time_cold(fn: Callable[[], Any], device: torch.device, reps: int) -> CallTi
 @torch.inference_mode()
 def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: int = 30, warmup: int = 3,
                         device: torch.device | str = "cpu", quiet: bool = True,
-                        desc: str = "timing", clock: str = "wall", gap_s: float = 0.0) -> dict[str, float]:
+                        desc: str = "timing", clock: str = "wall", gap_s: float = 0.0,
+                        cold_l2: bool = False) -> dict[str, float]:
     """Median seconds per call (``device_s``) of each candidate, measured interleaved.
 
     Args:
@@ -131,6 +132,8 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: in
             candidate keep spinning for a while after it returns (OpenMP wait policy, runtime thread pools)
             and slow the next one down: a gap of a few ms lets them go to sleep, so no candidate pays for
             the one timed before it.
+        cold_l2: on CUDA with the device clock, flush the L2 cache before every timed call
+            (:func:`flush_l2`): candidates that read the same input otherwise find it in L2.
     """
     from tqdm.auto import tqdm
 
@@ -148,5 +151,5 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: in
         for name, fn in candidates.items():
             if gap_s > 0:
                 time.sleep(gap_s)
-            samples[name].append(time_call(fn, device, clock=clock).device_s)
+            samples[name].append(time_call(fn, device, clock=clock, cold_l2=cold_l2).device_s)
     return {k: statistics.median(v) for k, v in samples.items()}

@@ -15,16 +15,18 @@ __all__ = ["channel_prune", "ratio_for_macs"]
 
 
 def channel_prune(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio: float,
-                  ignored_layers: Sequence[nn.Module] = ()) -> nn.Module:
+                  ignored_layers: Sequence[nn.Module] = (), round_to: int | None = None) -> nn.Module:
     """Remove ``ratio`` of the channels of every group of ``model`` in place (``tp.pruner.MagnitudePruner``,
-    ``GroupMagnitudeImportance(p=2)``, one step); returns ``model``."""
+    ``GroupMagnitudeImportance(p=2)``, one step); returns ``model``. ``round_to``: keep channel counts a
+    multiple of it (torch-pruning's ``round_to``; e.g. 8 for 16-byte fp16 vectors), None: any count."""
     if not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
     if ratio == 0:
         return model
     was_training = model.training
     pruner = tp.pruner.MagnitudePruner(model, example_inputs, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                       pruning_ratio=float(ratio), ignored_layers=list(ignored_layers))
+                                       pruning_ratio=float(ratio), ignored_layers=list(ignored_layers),
+                                       round_to=round_to)
     pruner.step()
     model.train(was_training)
     return model
