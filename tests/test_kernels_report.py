@@ -166,8 +166,8 @@ def test_report_schema(mbv2_report):
         if row["staged_over_unique"] >= 1:  # (a kernel reading less than the input, e.g. a stride-2 DR whose
             assert row["modelled_pct_copy_bw"] <= 100  # kept taps skip pixels, can beat the dense roofline)
         assert 0 < row["occupancy"] <= 1
-        if row["kernel"] == "fused":
-            assert row["bytes_moved_unfused"] > row["bytes_moved"]
+        if row["kernel"] == "fused" and row["dw_recompute"] == 1:  # (output blocks that each recompute the DW
+            assert row["bytes_moved_unfused"] > row["bytes_moved"]     # chunk can lose: measured at run time)
     assert set(rep["summary"]) == {"direct", "dr", "fused"} and rep["unfused_layers"] == []
 
 
@@ -228,14 +228,18 @@ def test_deprune_kernels_command_writes_the_json(tmp_path, capsys):
 @pytest.mark.skipif(not TOOLS, reason="nvcc or cuobjdump not found")
 def test_fused_rows(mbv2_report):
     """Every MobileNetV2 DW conv pairs with its projection (10 with the residual add); the pairs run the 1x1 on
-    tensor cores and move far fewer bytes than the same pair unfused; the summary adds them up."""
+    tensor cores and, where one output block covers the 1x1 (no DW recompute), move fewer bytes than even the
+    perfect-epilogue pair; the summary adds them up."""
     rows = [r for r in mbv2_report["layers"] if r["kernel"] == "fused"]
     assert len(rows) == 17 and sum(r["residual"] for r in rows) == 10
     assert all(r["tensor_cores"] and r["act"] == "relu6" for r in rows)
     for r in rows:
-        assert r["bytes_min"] <= r["bytes_moved"] < r["bytes_moved_layer"] < r["bytes_moved_unfused"]
+        assert r["bytes_min"] <= r["bytes_moved"] and r["bytes_moved_layer"] < r["bytes_moved_unfused"]
+        if r["dw_recompute"] == 1:  # output blocks that each recompute the DW chunk (wide 1x1s) may move more
+            assert r["bytes_moved"] < r["bytes_moved_layer"]
         assert r["fused_over_unfused"] == round(r["bytes_moved"] / r["bytes_moved_unfused"], 3)
         assert r["modelled_us"] < r["modelled_unfused_us"]
+    assert sum(r["dw_recompute"] > 1 for r in rows) <= 3  # only the widest late pairs (14x14 / 7x7, 1x1 >= 320)
     s = mbv2_report["summary"]["fused"]
     assert s["bytes_moved"] == sum(r["bytes_moved"] for r in rows)
     assert s["fused_over_unfused"] == round(s["bytes_moved"] / s["bytes_moved_unfused"], 3) < 0.4

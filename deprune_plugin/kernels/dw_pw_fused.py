@@ -36,9 +36,10 @@ _VECTOR_BYTES = 16
 _PIXEL_TILES = ((1, 16), (2, 8), (4, 4), (2, 16), (4, 8), (8, 4), (4, 16), (8, 8), (16, 4), (8, 16), (16, 8))
 _CHUNKS = (16, 32, 64)
 _MAX_ACC = 40                      # fp32 accumulators per thread on CUDA cores (<= 255 registers, one CTA/SM)
-# On tensor cores (two CTAs per SM, <= 128 registers) the accumulators stay live through the DW phase: with 40
-# ptxas spills (a stack frame), with 32 it does not (tests/test_dw_pw_fused_sass.py, every MobileNetV2 plan).
-_MAX_ACC_MMA = 32
+# On tensor cores (two CTAs per SM, <= 128 registers) the accumulators stay live through the DW phase beside
+# the 1x1 weight fragments: MobileNetV2's 7x7 and 14x14 pairs spill at 128 registers with 20-28 accumulators
+# (wide output blocks), with 16 none does (ptxas and the SASS: tests/test_kernels_report.py, test_dw_pw_fused_sass.py).
+_MAX_ACC_MMA = 16
 _PARALLEL_CTAS = 264               # 2 CTAs per SM on a 132-SM H100: fewer leave SMs idle (soft penalty)
 _L2_WEIGHT = 0.25                  # per-CTA weight reads mostly hit L2: counted at a quarter of DRAM cost
 _CHUNK_COST = 2048                 # bytes-equivalent of one chunk iteration's three barriers and set-up
