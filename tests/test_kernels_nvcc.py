@@ -9,11 +9,9 @@ from __future__ import annotations
 import ctypes
 import glob
 import importlib
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ from deprune_plugin.kernels.cupy_launch import NVRTC_OPTIONS, nvrtc_include_dirs
 from deprune_plugin.kernels.dw_direct import dw_direct_defines
 from deprune_plugin.kernels.dw_dr import dw_dr_defines
 from deprune_plugin.kernels.dw_pw_fused import dw_pw_fused_defines
+from deprune_plugin.kernels.nvrtc import load_nvrtc, nvrtc_version
 from deprune_plugin.kernels.report import find_tool, sass_local_instrs
 from deprune_plugin.kernels.sources import EMULATION_HEADER, KernelSource, cuda_dir, specialize
 
@@ -145,28 +144,7 @@ def test_nvcc_compiles_without_spills(spec, tmp_path):
 
 # ---- NVRTC (what CuPy uses at run time) -----------------------------------------------------------
 
-def _load_nvrtc() -> ctypes.CDLL | None:
-    candidates = []
-    for entry in sys.path:
-        for sub in ("nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"):
-            candidates += sorted(glob.glob(os.path.join(entry, sub, "libnvrtc.so*")))
-    for base in filter(None, [os.environ.get("CUDA_PATH"), os.environ.get("CUDA_HOME"), "/usr/local/cuda"]):
-        candidates += sorted(glob.glob(os.path.join(base, "lib64", "libnvrtc.so*")))
-    for path in candidates:
-        if ".alt." in path or "builtins" in path:
-            continue
-        try:
-            # NVRTC dlopens its builtins library by soname: preload it from the same directory.
-            for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*")):
-                if ".alt." not in builtins:
-                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
-            return ctypes.CDLL(path)
-        except OSError:
-            continue
-    return None
-
-
-NVRTC = _load_nvrtc()
+NVRTC = load_nvrtc()  # the package's loader: wheel or toolkit, builtins preloaded
 
 
 def _nvrtc_compile(code: str, options: list[str]) -> tuple[int, str]:
@@ -183,11 +161,7 @@ def _nvrtc_compile(code: str, options: list[str]) -> tuple[int, str]:
 
 
 def _nvrtc_major() -> int | None:
-    if NVRTC is None:
-        return None
-    major, minor = ctypes.c_int(), ctypes.c_int()
-    NVRTC.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
-    return major.value
+    return None if NVRTC is None else nvrtc_version()[0]
 
 
 @pytest.mark.nvcc
