@@ -26,7 +26,7 @@ import torch.nn as nn
 from ..core.masks import remove_tap_masks
 from .api import AccelerateConfig, _default_inputs, accelerate
 from .runtimes import RUNTIMES, runtime_available, to_onnx
-from .selfcheck import check_inputs, outputs_agree
+from .selfcheck import check_inputs, outputs_agree, shape_label
 
 __all__ = ["EXPORT_FORMATS", "ExportCheckFailed", "export"]
 
@@ -164,12 +164,9 @@ def _check_file(source: nn.Module, path: Path, format: str, example_inputs: tupl
                 f.unlink(missing_ok=True)
             hint = ""
             if k > 0:
-                hint = (f"; it matches the model at the example input {_shape(example_inputs)}, so the model's output "
-                        "depends on the input size in a way the traced graph fixes (e.g. TF 'SAME' padding): "
-                        "export a fixed-size file with dynamic=False")
+                hint = (f"; it matches the model at the example input {shape_label(example_inputs)}, so the "
+                        "model's output depends on the input size in a way the traced graph fixes (e.g. TF "
+                        "'SAME' padding): export a fixed-size file with dynamic=False")
             raise ExportCheckFailed(f"export to {path} failed its check in {runtime} on the {bad} (file deleted)"
                                     + hint)
 
-
-def _shape(args: tuple) -> str:
-    return "x".join(map(str, args[0].shape))

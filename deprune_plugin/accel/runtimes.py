@@ -35,10 +35,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
 
 from ..kernels.dispatch import Choice, KernelDispatcher, dispatch_key
-from .selfcheck import SLACK_FACTOR
+from .selfcheck import SLACK_FACTOR, rounding_error
 
 __all__ = ["RUNTIMES", "RuntimeModel", "runtime_available", "to_onnx"]
 
@@ -247,13 +246,9 @@ class RuntimeModel(nn.Module):
         BatchNorm variances near 0 amplifies rounding; see :mod:`.selfcheck`). 0 where float64 fails."""
         try:
             with torch.no_grad():
-                double = copy.deepcopy(self.eager).double()
-                exact = double(*(a.double() if a.is_floating_point() else a for a in args))
+                _, errs = rounding_error(copy.deepcopy(self.eager).double(), args, ref)
         except Exception:  # noqa: BLE001 - no float64 reference: the plain tolerance applies
             return 0.0
-        errs = [float((r.double() - e.double()).abs().nan_to_num(0.0).max())
-                for r, e in zip(tree_leaves(ref), tree_leaves(exact))
-                if isinstance(r, torch.Tensor) and r.is_floating_point() and r.numel()]
         return SLACK_FACTOR * max(errs, default=0.0)
 
     def select(self, *args: torch.Tensor) -> Choice:

@@ -29,7 +29,8 @@ from ..core.agreement import agreement
 from ..core.precision import no_tf32
 from .convert import Edit
 
-__all__ = ["CheckInput", "SLACK_FACTOR", "check_inputs", "outputs_agree", "verify_edits"]
+__all__ = ["CheckInput", "SLACK_FACTOR", "check_inputs", "outputs_agree", "rounding_error", "shape_label",
+           "verify_edits"]
 
 #: how many times the source model's own fp32-vs-float64 error a replacement may differ from float64 by (on
 #: top of the dtype's tolerance): two fp32 evaluations of one function in different orders are each about
@@ -79,14 +80,14 @@ def check_inputs(model: nn.Module, example: tuple, exact: bool = True) -> tuple[
     With ``exact`` and a fp32 ``model``, a float64 copy of it also runs on each input (see the module doc).
     """
     with no_tf32():
-        out = [CheckInput(f"example input {_shape(example)}", example, model(*example))]
+        out = [CheckInput(f"example input {shape_label(example)}", example, model(*example))]
         notes = []
         second = _second_input(example)
         if second is not None:
             try:
-                out.append(CheckInput(f"second input {_shape(second)}", second, model(*second)))
+                out.append(CheckInput(f"second input {shape_label(second)}", second, model(*second)))
             except Exception as e:  # noqa: BLE001 - the model itself does not take that size: nothing to check
-                notes.append(f"second input {_shape(second)} skipped: the source model does not accept it "
+                notes.append(f"second input {shape_label(second)} skipped: the source model does not accept it "
                              f"({type(e).__name__})")
         if exact:
             note = _add_exact(model, out)
@@ -100,6 +101,21 @@ def _is_fp32(model: nn.Module) -> bool:
     return dtypes == {torch.float32}
 
 
+def rounding_error(double: nn.Module, args: tuple, expected: Any) -> tuple[Any, list[float]]:
+    """Run ``double`` (a float64 copy of the model that gave ``expected`` on ``args``) and return its output
+    and, per output leaf, the largest finite ``|expected - exact|`` (0 for non-float leaves)."""
+    exact = double(*(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args))
+    errs = []
+    for e, x in zip(tree_leaves(expected), tree_leaves(exact)):
+        if isinstance(e, torch.Tensor) and e.is_floating_point() and isinstance(x, torch.Tensor):
+            diff = (e.double() - x.double()).abs()
+            diff = diff[torch.isfinite(diff)]
+            errs.append(float(diff.max()) if diff.numel() else 0.0)
+        else:
+            errs.append(0.0)
+    return exact, errs
+
+
 def _add_exact(model: nn.Module, items: list[CheckInput]) -> str:
     """Fill ``exact`` and ``source_error`` of ``items`` from a float64 copy of ``model``; a note when it
     cannot run in float64 (then the plain dtype tolerance applies)."""
@@ -108,18 +124,7 @@ def _add_exact(model: nn.Module, items: list[CheckInput]) -> str:
     try:
         double = copy.deepcopy(model).double()
         for item in items:
-            args = tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                         for a in item.args)
-            exact = double(*args)
-            errs = []
-            for e, x in zip(tree_leaves(item.expected), tree_leaves(exact)):
-                if isinstance(e, torch.Tensor) and e.is_floating_point() and isinstance(x, torch.Tensor):
-                    diff = (e.double() - x.double()).abs()
-                    diff = diff[torch.isfinite(diff)]
-                    errs.append(float(diff.max()) if diff.numel() else 0.0)
-                else:
-                    errs.append(0.0)
-            item.exact, item.source_error = exact, errs
+            item.exact, item.source_error = rounding_error(double, item.args, item.expected)
     except Exception as e:  # noqa: BLE001 - a model that cannot run in float64 keeps the fp32 reference
         for item in items:
             item.exact, item.source_error = None, []
@@ -127,7 +132,8 @@ def _add_exact(model: nn.Module, items: list[CheckInput]) -> str:
     return ""
 
 
-def _shape(args: tuple) -> str:
+def shape_label(args: tuple) -> str:
+    """The first argument's shape as ``"1x3x224x224"`` (its type name when it is no tensor)."""
     x = args[0] if args else None
     return "x".join(map(str, x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
 
