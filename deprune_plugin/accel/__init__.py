@@ -10,7 +10,8 @@ from .exporter import EXPORT_FORMATS, ExportCheckFailed, export
 from .memory import MemoryReport, memory_report
 from .modules import FastDWConv
 from .runtimes import RUNTIMES, RuntimeModel
+from .targets import CudaTarget, RuntimeTarget, TorchTarget  # registers the latency targets
 
 __all__ = ["accelerate", "AccelerateConfig", "AccelerateReport", "FastDWConv", "CompactTaps", "DRColumns",
            "MemoryReport", "memory_report", "export", "ExportCheckFailed", "EXPORT_FORMATS", "RUNTIMES",
-           "RuntimeModel"]
+           "RuntimeModel", "CudaTarget", "RuntimeTarget", "TorchTarget"]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .cost import PARAMS_LABEL, Cost
+from .latency import LatencyReport
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class Summary:
     after: Cost
     pw_hsr: list[str] = field(default_factory=list)
     variant: str = "BH"
+    latency: LatencyReport | None = None
+    """What a latency-aware prune chose per block and measured (``None`` for fixed ratios)."""
 
     def __iter__(self) -> Iterator[LayerRow]:
         return iter(self.rows)
@@ -165,6 +168,8 @@ class Summary:
                      f"({self.after.params / max(self.before.params, 1):.1%}); "
                      f"MACs {self.before.macs / 1e6:.1f} M -> {self.after.macs / 1e6:.1f} M "
                      f"({self.after.macs / max(self.before.macs, 1):.1%})")
+        if self.latency is not None:
+            lines += [""] + self.latency.lines()
         return "\n".join(lines)
 
     __str__ = table

@@ -30,6 +30,7 @@ from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 
 from ..core.checks import check_bool, check_positive_int, check_ratio
 from ..core.cost import Cost, count_cost
+from ..core.latency import LatencyReport, LatencyTarget, get_target
 from ..core.masks import attach_tap_mask, is_depthwise, slice_tap_mask, tap_mask
 from ..core.method import (blind_channels, bwt_keep_mask, dcp_keep_mask, global_layer_ratios, hsr_apply, hsr_plan,
                            kept_per_range, tap_coverage)
@@ -39,6 +40,7 @@ from ..core.probe import probe_structure
 from ..core.summary import DEVIATION_POINTS, LayerRow, Summary, dw_deviation
 from .adapters import run_fixups
 from .importance import DEPruneImportance
+from .latency_search import LatencyConfig, search
 from .limits import GroupSearchTooLong, bounded_groups, failure_from, search_failure
 from .serialization import attach_history, carried_history
 from .structure import DEPruneStructure, DSConvBlock, analyse, find_depthwise
@@ -162,6 +164,17 @@ class DEPruner(tp.pruner.BasePruner):
             does not (PW-conv1 and DW channels kept, section 4.2). Tap masks are sliced to match.
         hsr_alpha: ``"cost_model"`` (tile-step model, default), ``"measured"`` (time DR sub-GEMMs on the
             GPU; falls back to the cost model with a warning without one) or ``f(layer_name, kept, tile)``.
+        latency_budget: prune for a device instead of fixed ratios: the pruned model's latency on
+            ``target`` at the example input's shape, as a fraction of the unpruned model's, in ``(0, 1]``.
+            The search chooses per block the expanded-channel ratio, the residual-stream ratio and (where
+            ``target`` gains from it) DW taps at ``dw_pruning_ratio``, then measures the result;
+            ``pw_pruning_ratio`` is not used. ``None`` (default): the paper's fixed ratios.
+        target: where the model will run: ``"openvino"`` (default), ``"onnxruntime"``, ``"torch"`` (eager
+            CPU), ``"cuda"`` (measured with a GPU, else modelled), or a
+            :class:`~deprune_plugin.core.latency.LatencyTarget`.
+        sensitivity_inputs: the batch the importance proxy runs on (default ``example_inputs``); real data
+            (e.g. 64 training images, at the training resolution) ranks channels better than noise.
+        latency_config: the search's levels and tolerance (:class:`.latency_search.LatencyConfig`).
         **tp_kwargs: other ``BasePruner`` arguments (``round_to``, ``max_pruning_ratio``,
             ``customized_pruners``, ``unwrapped_parameters``, ``forward_fn``, ...), same meaning.
 
@@ -190,6 +203,10 @@ class DEPruner(tp.pruner.BasePruner):
         pruning_ratio_dict: Mapping[nn.Module, float] | None = None,
         prune_dw_channels: bool = False,
         hsr_alpha: str | Callable[[str, int, int], float] = "cost_model",
+        latency_budget: float | None = None,
+        target: str | LatencyTarget = "openvino",
+        sensitivity_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        latency_config: LatencyConfig | None = None,
         **tp_kwargs: Any,
     ) -> None:
         # ---- validate everything before the model is touched ----
@@ -226,12 +243,22 @@ class DEPruner(tp.pruner.BasePruner):
             raise TypeError("importance must be callable over a torch-pruning group")
         if not (callable(hsr_alpha) or hsr_alpha in ("cost_model", "measured")):
             raise ValueError(f"hsr_alpha must be 'cost_model', 'measured' or a callable, got {hsr_alpha!r}")
+        if latency_budget is not None:
+            if isinstance(latency_budget, bool) or not isinstance(latency_budget, numbers.Real) or \
+                    not 0.0 < float(latency_budget) <= 1.0:
+                raise ValueError(f"latency_budget must be a fraction in (0, 1], got {latency_budget!r}")
+            if global_pruning:
+                raise ValueError("latency_budget chooses each block's ratios itself: global_pruning must be False")
+            if latency_config is not None and not isinstance(latency_config, LatencyConfig):
+                raise TypeError(f"latency_config must be a LatencyConfig, got {type(latency_config).__name__}")
+            target = get_target(target)
         module_ids = {id(m) for m in model.modules()}
         dw_pruning_ratio_dict = _check_ratio_dict(dw_pruning_ratio_dict, "dw_pruning_ratio_dict", module_ids)
         pruning_ratio_dict = _check_ratio_dict(pruning_ratio_dict, "pruning_ratio_dict", module_ids)
         ignored_layers = _resolve_ignored(model, ignored_layers, module_ids)
         inputs = _as_inputs(example_inputs)
         _check_not_meta(model, inputs)
+        sens_inputs = inputs if sensitivity_inputs is None else _as_inputs(sensitivity_inputs)
         ignored_set = {s for m in ignored_layers if isinstance(m, nn.Module) for s in m.modules()}
         if not find_depthwise(model, ignored_set):
             raise ValueError("model has no depth-wise conv (groups == in_channels == out_channels, kernel > 1) "
@@ -264,7 +291,18 @@ class DEPruner(tp.pruner.BasePruner):
         # Channel pruning the model went through before this pruner (load() or an earlier DEPruner):
         # its indices refer to earlier widths, so pruning_history() replays it first.
         self._history_before = carried_history(model)
-        self.uses_graph = pw_pruning_ratio > 0 or any(r > 0 for r in pruning_ratio_dict.values())
+        self.latency_budget = None if latency_budget is None else float(latency_budget)
+        self.target = target if latency_budget is not None else None
+        self.latency_config = latency_config or LatencyConfig()
+        self.latency_report: LatencyReport | None = None
+        self._sens_inputs = sens_inputs
+        self._user_ignored = ignored_set
+        self._dense_s: float | None = None
+        self._latency_taps: dict[nn.Module, float] = {}
+        self.uses_graph = pw_pruning_ratio > 0 or any(r > 0 for r in pruning_ratio_dict.values()) or \
+            latency_budget is not None
+        if latency_budget is not None:
+            pw_pruning_ratio = 0.0  # the search chooses the widths
         if self.uses_graph:
             self._init_with_graph(model, inputs, importance, global_pruning, pw_pruning_ratio, pruning_ratio_dict,
                                   iterative_steps, ignored_layers, tp_kwargs, was_training)
@@ -405,10 +443,13 @@ class DEPruner(tp.pruner.BasePruner):
             return
         # Collect the PW plan first: HSR on PW ranks all groups before any is pruned. Groups are disjoint
         # channel sets, so each is rebuilt lazily against the current shapes when its turn comes.
-        plan = [] if self.DG is None else \
-            [(g[0].dep.target.module, g[0].dep.handler, list(g[0].idxs)) for g in super()._prune()]
-        if self.use_hsr and plan:
-            plan = self._hsr_pw(plan)
+        if self.latency_budget is not None:
+            plan = self._latency_plan()
+        else:
+            plan = [] if self.DG is None else \
+                [(g[0].dep.target.module, g[0].dep.handler, list(g[0].idxs)) for g in super()._prune()]
+            if self.use_hsr and plan:
+                plan = self._hsr_pw(plan)
         for module, handler, idxs in plan:
             group = self.DG.get_pruning_group(module, handler, idxs)
             if not self.DG.check_pruning_group(group):
@@ -427,6 +468,27 @@ class DEPruner(tp.pruner.BasePruner):
             run_fixups(self.model)
         self._carry_history()
         self._prune_taps()
+
+    def _latency_plan(self) -> list:
+        """This step's groups from the latency search, at the step's share of the budget; DW tap ratios
+        go to ``_latency_taps``."""
+        step_budget = 1 - (1 - self.latency_budget) * self.current_step / self.iterative_steps
+        was_training = self.model.training
+        try:
+            result = search(self.model, self.DG, self.structure, self.example_inputs, self._sens_inputs,
+                            self.target, step_budget, self.importance, self._user_ignored, self.max_pruning_ratio,
+                            self.dw_pruning_ratio, self.group_size, self.latency_config, dense_s=self._dense_s)
+        finally:
+            self.model.train(was_training)
+        self._dense_s = result.report.dense_s
+        result.report.budget = step_budget
+        self.latency_report = result.report
+        self._latency_taps = {self.model.get_submodule(n): r for n, r in result.taps.items()}
+        plan = []
+        for name, idxs in result.plan:
+            module = self.model.get_submodule(name)
+            plan.append((module, self.DG.get_pruner_of_module(module).prune_out_channels, idxs))
+        return plan
 
     def _hsr_pw(self, plan: list) -> list:
         kept, limits, floors = [], [], []
@@ -450,6 +512,8 @@ class DEPruner(tp.pruner.BasePruner):
         return out
 
     def _dw_ratio(self, conv: nn.Module) -> float:
+        if self.latency_budget is not None:
+            return self._latency_taps.get(conv, 0.0)
         return self._dw_override.get(conv, self.dw_schedule)[self.current_step]
 
     @torch.no_grad()
@@ -542,7 +606,7 @@ class DEPruner(tp.pruner.BasePruner):
     def summary(self) -> Summary:
         """Per-DSConv-layer report and model totals (see :class:`Summary`)."""
         return Summary(rows=self._rows(), before=self.cost_before, after=count_cost(self.model, self.example_inputs),
-                       pw_hsr=[d.mark for d in self._pw_hsr], variant=self.variant)
+                       pw_hsr=[d.mark for d in self._pw_hsr], variant=self.variant, latency=self.latency_report)
 
     def _rows(self) -> list[LayerRow]:
         rows = []

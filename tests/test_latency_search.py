@@ -1,0 +1,242 @@
+"""Latency-aware pruning: the search, the pruner's latency mode and the targets (no timed assertions).
+
+A modelled target whose latency is the module's MACs makes the search deterministic, so the tests can check
+exact properties: the budget is met, the table is additive, the proxy is the pruned function, the knapsack
+beats uniform pruning on its own proxy, the history replays.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from deprune_plugin import DEPruner, load, save
+from deprune_plugin.core.cost import count_cost
+from deprune_plugin.core.latency import get_target
+from deprune_plugin.tp_glue.latency_search import LatencyConfig, Unit, _prune_copy, _sensitivities
+
+CONFIG = LatencyConfig(hidden_levels=(0.0, 0.375, 0.75), stream_levels=(0.0, 0.25))
+
+
+class MacsTarget:
+    """Modelled target: 1 ns per MAC plus 1 us per call; taps count only where ``taps_pay``."""
+
+    name = "macs"
+    modelled = True
+    alignment = 8
+
+    def __init__(self, taps_pay: bool = False) -> None:
+        self.taps_reason = "" if taps_pay else "taps are free here"
+        self.calls = 0
+
+    def seconds(self, module, inputs):
+        self.calls += 1
+        return count_cost(module, tuple(inputs)).macs * inputs[0].shape[0] * 1e-9 + 1e-6
+
+
+def _model():
+    torch.manual_seed(0)
+    return timm.create_model("mobilenetv2_050", num_classes=10).eval()
+
+
+X = torch.randn(2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    """One latency-aware prune at 60% on the MACs target, shared by the tests that read its result."""
+    model = _model()
+    target = MacsTarget()
+    dense = target.seconds(model, (X,))
+    p = DEPruner(model, X, latency_budget=0.6, target=target, latency_config=CONFIG,
+                 ignored_layers=[model.get_classifier()])
+    p.step()
+    return model, p, target, dense
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """An unpruned model with its latency-mode pruner built (not stepped): the search runs on copies."""
+    model = _model()
+    return model, DEPruner(model, X, latency_budget=0.7, target=MacsTarget(), latency_config=CONFIG,
+                           ignored_layers=[model.get_classifier()])
+
+
+def test_budget_met_and_table_exact_on_an_additive_target(pruned):
+    model, p, target, dense = pruned
+    rep = p.summary().latency
+    after = target.seconds(model, (X,))
+    assert rep.dense_s == pytest.approx(dense)
+    assert after <= 0.6 * dense * (1 + CONFIG.tolerance)
+    assert after >= 0.6 * dense * 0.85                      # not far below what was asked either
+    assert rep.measured_s == pytest.approx(after, rel=1e-9)  # the report's figure is the model's
+    assert rep.predicted_s == pytest.approx(rep.measured_s, rel=1e-6)  # MACs add up over blocks exactly
+    assert rep.taps_reason == "taps are free here" and p.summary().dw_ratio == 0.0
+    widths = [b.hidden for b in rep.blocks if b.hidden]
+    assert any(a != b for a, b in widths)                   # something was pruned
+    assert all(b % 8 == 0 or b == a for a, b in widths)     # aligned to the target's width
+    assert model(X).shape == (2, 10)
+    text = str(p.summary())
+    assert "latency-aware prune for macs (modelled), budget 60% of dense" in text
+
+
+def test_knapsack_beats_uniform_pruning_on_its_proxy(fresh):
+    from deprune_plugin.tp_glue import latency_search as ls
+
+    model, p = fresh
+    target = p.target
+    ignored = {model.get_classifier()}
+    res = ls.search(model, p.DG, p.structure, (X,), (X,), target, 0.7, p.importance, ignored, 1.0, 0.78, 32, CONFIG)
+    # uniform: the least hidden level (streams kept) that meets the same budget, and its proxy loss
+    blocks = ls._block_modules(model, p.structure, (X,))
+    units = ls.find_units(p.DG, model, p.structure, blocks, p.importance, ignored, 1.0)
+    local = [u for u in units if u.block is not None]
+    levels = {i: list(CONFIG.hidden_levels) for i in range(len(local))}
+
+    class Quiet:
+        def update(self, n):
+            pass
+    sens = _sensitivities(model, local, lambda u, f: u.kept(f, 8), levels, (X,), Quiet())
+    dense = target.seconds(model, (X,))
+    uniform = None
+    for k, f in enumerate(CONFIG.hidden_levels):
+        work = _prune_copy(model, (X,), {u.name: u.order[:u.width - u.kept(f, 8)] for u in local}, {}, 32)
+        if target.seconds(work, (X,)) <= 0.7 * dense:
+            uniform = sum(s[k] for s in sens.values())
+            break
+    assert uniform is not None
+    assert res.loss < uniform
+    assert res.report.proxy_loss == res.loss
+
+
+def test_sensitivity_is_the_pruned_function(fresh):
+    """Zeroing the consumers' input columns gives what torch-pruning's removal gives."""
+    from deprune_plugin.tp_glue import latency_search as ls
+
+    model, p = fresh
+    blocks = ls._block_modules(model, p.structure, (X,))
+    units = ls.find_units(p.DG, model, p.structure, blocks, p.importance, {model.get_classifier()}, 1.0)
+    assert any(u.block is None for u in units) and any(u.block is not None for u in units)
+    for u in [next(u for u in units if u.block is not None), next(u for u in units if u.block is None)]:
+        drop = u.order[: u.width // 2]
+        pruned = _prune_copy(model, (X,), {u.name: drop}, {}, 32)
+        zeroed = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, idx, ridx in u.consumers:
+                ls._zero_input_columns(zeroed.get_submodule(name), [i for i, r in zip(idx, ridx) if r in set(drop)])
+            torch.testing.assert_close(zeroed(X), pruned(X), rtol=1e-4, atol=1e-5)
+            # and the check can fail: zeroing half the columns is not a no-op
+            assert not torch.allclose(zeroed(X), model(X), atol=1e-4)
+
+
+def test_taps_only_where_the_target_gains_from_them():
+    model = _model()
+    p = DEPruner(model, X, latency_budget=0.6, target=MacsTarget(taps_pay=True),
+                 latency_config=LatencyConfig(hidden_levels=(0.0, 0.75), stream_levels=(0.0,)),
+                 ignored_layers=[model.get_classifier()])
+    p.step()
+    rep = p.summary().latency
+    assert rep.taps_reason == ""
+    chosen = [b.tap_ratio for b in rep.blocks]
+    assert set(chosen) <= {0.0, 0.78}
+    # the summary's DW ratios are what the search chose, per layer
+    rows = {r.name: r for r in p.summary()}
+    for b in rep.blocks:
+        for name, row in rows.items():
+            if name.startswith(b.name + "."):
+                assert row.target_ratio == b.tap_ratio
+
+
+def test_history_replays_through_save_and_load(pruned, tmp_path):
+    model, p, _, _ = pruned
+    path = tmp_path / "lat.pt"
+    save(model, path, history=p.pruning_history(), input_shape=tuple(X.shape),
+         arch={"source": "timm", "name": "mobilenetv2_050", "kwargs": {"num_classes": 10}})
+    back = load(path).eval()
+    torch.testing.assert_close(back(X), model(X))
+
+
+def test_unit_kept_widths():
+    u = Unit("x", width=100, order=list(range(100)), block=0, floor=30)
+    assert u.kept(0.0, 8) == 100
+    assert u.kept(0.25, 8) == 72          # 75 rounded to a multiple of 8
+    assert u.kept(0.75, 8) == 30          # 25 -> 24, but the cap keeps 30
+    assert Unit("y", 6, list(range(6)), None).kept(0.5, 8) == 6   # narrower than one vector: kept whole
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"latency_budget": 1.5}, "latency_budget"),
+    ({"latency_budget": 0.0}, "latency_budget"),
+    ({"latency_budget": True}, "latency_budget"),
+    ({"latency_budget": 0.7, "target": "tpu"}, "target must be one of"),
+    ({"latency_budget": 0.7, "global_pruning": True}, "global_pruning"),
+    ({"latency_budget": 0.7, "latency_config": {"rounds": 2}}, "latency_config"),
+])
+def test_bad_arguments_leave_the_model_untouched(kwargs, match):
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises((ValueError, TypeError), match=match):
+        DEPruner(model, X, **kwargs)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_latency_config_validates():
+    with pytest.raises(ValueError, match="hidden_levels"):
+        LatencyConfig(hidden_levels=(0.25, 0.5))
+    with pytest.raises(ValueError, match="stream_levels"):
+        LatencyConfig(stream_levels=(0.0, 1.0))
+
+
+def test_budget_out_of_reach_says_how_far_it_can_go():
+    model = _model()
+    p = DEPruner(model, X, latency_budget=0.05, target=MacsTarget(),
+                 latency_config=LatencyConfig(hidden_levels=(0.0, 0.75), stream_levels=(0.0,)),
+                 ignored_layers=[model.get_classifier()])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"latency_budget=0.05 is below .* fastest configuration is predicted at \d+%"):
+        p.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime", "torch"])
+def test_cpu_target_runners_compute_the_module(name):
+    """What a CPU target times is the module itself on the runtime (same output), not something cheaper."""
+    import numpy as np
+
+    target = get_target(name)
+    block = _model().blocks[3]
+    x = torch.randn(1, block[0].conv_pw.in_channels, 8, 8)
+    out = target.runner(block, (x,))()
+    got = out[0] if isinstance(out, list) else out
+    np.testing.assert_allclose(np.asarray(got), block(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+    assert target.alignment in (8, 16) and "skips pruned DW taps" in target.taps_reason
+
+
+def test_cuda_target_models_without_a_gpu():
+    from deprune_plugin.accel.targets import CudaTarget, modelled_seconds
+
+    t = CudaTarget(measure=False)
+    assert t.modelled and t.arch.name == "sm_90"
+    model = _model()
+    x = torch.randn(8, 3, 64, 64)
+    dense = t.seconds(model, (x,))
+    # a fused DW -> 1x1 pair never writes the DW output: pruning taps of a 3x3 DW conv moves no fewer bytes
+    from deprune_plugin.core.masks import attach_tap_mask
+    from deprune_plugin.core.method import bwt_keep_mask
+    pruned = copy.deepcopy(model)
+    for m in pruned.modules():
+        if isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1:
+            attach_tap_mask(m, bwt_keep_mask(m.weight.detach().abs(), 0.78, 32))
+    assert t.seconds(pruned, (x,)) == pytest.approx(dense, rel=0.02)
+    # a compute-bound case gains: a fused 7x7 DW -> 1x1 pair (ConvNeXt-like), whose DW output stays on chip
+    pair = nn.Sequential(nn.Conv2d(256, 256, 7, padding=3, groups=256, bias=False), nn.Conv2d(256, 256, 1))
+    y = torch.randn(32, 256, 28, 28)
+    full = modelled_seconds(pair, (y,), "sm_90", 2)
+    attach_tap_mask(pair[0], bwt_keep_mask(pair[0].weight.detach().abs(), 0.78, 32))
+    assert modelled_seconds(pair, (y,), "sm_90", 2) < 0.9 * full
+    with pytest.raises(ValueError, match="arch"):
+        CudaTarget(arch="sm_75")
