@@ -101,6 +101,12 @@
 #define DR_NT (DR_WN / 8)                              // n8 tiles per warp (MMA path)
 #define DR_XS (DR_KT / 2 + 4)    // 32-bit words per position of the 16-bit X tile; +4 words: the B fragment
                                  // loads (8 positions x 4 column pairs per warp) hit 32 different banks
+// Word of column pair kp of position pp in the X tile. A row of DR_XS = 4 mod 8 words puts 8 consecutive
+// positions in 8 different 4-bank groups, and positions 8 apart in the same group: the NCHW staging (32
+// consecutive positions, one pair) would conflict 4-way. XOR-ing the pair's low 2 bits with (pp / 8) % 4
+// moves each run of 8 positions to its own bank of the group (conflict-free); a B fragment load reads 8
+// positions of one run, so its 4 pairs are only permuted (still 32 banks).
+#define DR_XW(pp, kp) ((pp) * DR_XS + ((kp) ^ (((pp) >> 3) & 3)))
 #define DR_RW (DR_GSP / DR_WARPS)  // rows per warp (fallback)
 #define DR_QP (DR_PT / 32)         // positions per lane (fallback)
 #define DR_YS (DR_PT + 1)          // words per row of the fp32 tiles; odd, so column walks are conflict-free
@@ -323,7 +329,7 @@ extern "C" __global__ void __launch_bounds__(DR_THREADS, DR_MIN_BLOCKS) deprune_
                 const int py = s_py[pp], px = s_px[pp];
                 const unsigned int lo = dr_gather_bits(xn, py + dy0, px + dx0, off0, H, W, C);
                 const unsigned int hi = dr_gather_bits(xn, py + dy1, px + dx1, off1, H, W, C);
-                s_xw[pp * DR_XS + kp] = lo | (hi << 16);
+                s_xw[DR_XW(pp, kp)] = lo | (hi << 16);
             }
         }
 #else
@@ -335,7 +341,7 @@ extern "C" __global__ void __launch_bounds__(DR_THREADS, DR_MIN_BLOCKS) deprune_
                 const int k = 2 * kp;
                 const unsigned int lo = dr_gather_bits(xn, py + s_dy[k], px + s_dx[k], s_coff[k], H, W, C);
                 const unsigned int hi = dr_gather_bits(xn, py + s_dy[k + 1], px + s_dx[k + 1], s_coff[k + 1], H, W, C);
-                s_xw[pp * DR_XS + kp] = lo | (hi << 16);
+                s_xw[DR_XW(pp, kp)] = lo | (hi << 16);
             }
         }
 #endif
@@ -370,9 +376,9 @@ extern "C" __global__ void __launch_bounds__(DR_THREADS, DR_MIN_BLOCKS) deprune_
                 unsigned int b[DR_NT][2];
 #pragma unroll
                 for (int nt = 0; nt < DR_NT; ++nt) {
-                    const unsigned int* xp = s_xw + (wn0 + nt * 8 + group) * DR_XS + ks * 8 + tig;
-                    b[nt][0] = xp[0];
-                    b[nt][1] = xp[4];
+                    const int pp = wn0 + nt * 8 + group;
+                    b[nt][0] = s_xw[DR_XW(pp, ks * 8 + tig)];
+                    b[nt][1] = s_xw[DR_XW(pp, ks * 8 + tig + 4)];
                 }
                 // A fragments from four columns per lane: tig*2 + {0, 1} (a[0], a[1]) and tig*2 + 8 + {0, 1}
                 // (a[2], a[3]); one m16 tile at a time keeps 8 A registers live (hi and lo).

@@ -101,8 +101,12 @@ constexpr int IN_H = (TILE_H - 1) * SH + (KH - 1) * DH + 1;  // input window of 
 constexpr int IN_W = (TILE_W - 1) * SW + (KW - 1) * DW + 1;
 constexpr int VEC = 16 / static_cast<int>(sizeof(scalar_t));  // channels per 16-byte vector
 constexpr int NVC = KC / VEC;                                  // vectors per chunk and pixel
-constexpr int AS = KC + 8;  // elements per row of s_a and s_b: +16 bytes, so the fragment loads of a warp
-                            // (8 rows x 4 words) hit 32 different banks
+// Elements per row of s_a and s_b: KC + 16 bytes. KC * sizeof is a multiple of 32 bytes (8 words), so a row is
+// 4 words mod 8: 8 consecutive rows start in 8 different 4-bank groups. The MMA fragment loads (8 rows x 4
+// words per warp) and the CUDA-core path's 16-byte reads (8 rows per quarter-warp phase) hit 32 different
+// banks; rows stay 16-byte aligned for the vector stores. (+8 elements, right for 16-bit types, is +32 bytes
+// for fp32: 8 words mod 32, 4 bank groups, 8-way conflicts on the fp32 GEMM's reads.)
+constexpr int AS = KC + 16 / static_cast<int>(sizeof(scalar_t));
 constexpr int MT = P / 16, NT = COB / 8;  // m16 / n8 tiles of the CTA's output
 constexpr int TPW = MT * NT / WARPS;      // n8 tiles per warp (MMA path)
 constexpr int ACC = P * COB / THREADS;    // accumulators per thread (CUDA-core path)
@@ -131,6 +135,11 @@ constexpr int A_BYTES = align16(P * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int B_BYTES = align16(COB * AS * static_cast<int>(sizeof(scalar_t)));
 constexpr int W_BYTES = KT * KC * 4;
 constexpr int SMEM_BYTES = align16(IN_BYTES + A_BYTES + B_BYTES + W_BYTES + MASK_WORDS * NVC * 4);
+
+// Two adjacent 16-bit outputs, moved as one 4-byte word (the MMA epilogue).
+struct __align__(4) pair16 {
+    scalar_t v[2];
+};
 
 __device__ __forceinline__ vec16 zero_vec() { return vec16{0u, 0u, 0u, 0u}; }
 
@@ -371,11 +380,18 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
         {
             const int p = tid % P;
             const int o0 = tid / P;
-#pragma unroll 2
-            for (int k = 0; k < KC; ++k) {
-                const float a = deprune_to_float(s_a[p * AS + k]);
+            // s_a in 16-byte reads (VEC channels): a quarter-warp reads 8 consecutive rows (no bank conflict, see
+            // AS). s_b element reads: one row per warp (a broadcast), two rows AS words apart when P == 16.
+#pragma unroll 1
+            for (int k0 = 0; k0 < KC; k0 += VEC) {
+                float av[VEC];
+                unpack<scalar_t>(*reinterpret_cast<const vec16*>(s_a + p * AS + k0), av);
 #pragma unroll
-                for (int j = 0; j < ACC; ++j) acc[j] += a * deprune_to_float(s_b[(o0 + (THREADS / P) * j) * AS + k]);
+                for (int e = 0; e < VEC; ++e) {
+#pragma unroll
+                    for (int j = 0; j < ACC; ++j)
+                        acc[j] += av[e] * deprune_to_float(s_b[(o0 + (THREADS / P) * j) * AS + k0 + e]);
+                }
             }
         }
 #endif
@@ -389,6 +405,11 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
     // Fully unrolled: acc may only be indexed by compile-time constants. A rolled loop indexes acc[j] at run
     // time, which puts the whole array in local memory (a stack frame, STL/LDL every chunk) while ptxas still
     // reports 0 spill bytes (tests/test_dw_pw_fused_sass.py checks the stack frame and LDL/STL too).
+    // A thread's two outputs of a row are adjacent channels (o even): one 4-byte load of the residual and one
+    // 4-byte store when CO is even and y / res are 4-byte aligned (then pix * CO + o is even too), else per
+    // element.
+    const bool pairs = CO % 2 == 0 &&
+                       ((reinterpret_cast<unsigned long long>(y) | reinterpret_cast<unsigned long long>(res)) & 3) == 0;
 #pragma unroll
     for (int j = 0; j < TPW; ++j) {
 #pragma unroll
@@ -397,13 +418,31 @@ extern "C" __global__ void __launch_bounds__(256, FU_MIN_BLOCKS) deprune_dw_pw_f
             const int oy = oy0 + p / TILE_W, ox = ox0 + p % TILE_W;
             if (oy >= OH || ox >= OW) continue;
             const long long pix = static_cast<long long>(oy) * OW + ox;
+            const int o0 = co0 + ((warp + WARPS * j) / MT) * 8 + tig * 2;
+            if (o0 >= CO) continue;
+            float v[2];
+#pragma unroll
+            for (int q = 0; q < 2; ++q)
+                v[q] = acc[j][2 * h + q] + (pw_bias != nullptr && o0 + q < CO ? pw_bias[o0 + q] : 0.0f);
+            if (pairs) {  // CO even and o0 < CO: o0 + 1 < CO
+                if (rn != nullptr) {
+                    const pair16 r = *reinterpret_cast<const pair16*>(rn + pix * CO + o0);
+                    v[0] += deprune_to_float(r.v[0]);
+                    v[1] += deprune_to_float(r.v[1]);
+                }
+                pair16 out;
+                deprune_store(&out.v[0], v[0]);
+                deprune_store(&out.v[1], v[1]);
+                *reinterpret_cast<pair16*>(yn + pix * CO + o0) = out;
+                continue;
+            }
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
-                const int o = co0 + ((warp + WARPS * j) / MT) * 8 + tig * 2 + q;
+                const int o = o0 + q;
                 if (o >= CO) continue;
-                float v = acc[j][2 * h + q] + (pw_bias != nullptr ? pw_bias[o] : 0.0f);
-                if (rn != nullptr) v += deprune_to_float(rn[pix * CO + o]);
-                deprune_store(yn + pix * CO + o, v);
+                float w = v[q];
+                if (rn != nullptr) w += deprune_to_float(rn[pix * CO + o]);
+                deprune_store(yn + pix * CO + o, w);
             }
         }
     }

@@ -90,7 +90,8 @@ def run(json_path: str | None) -> list[dict]:
         folder = image_folder(tmp / "folder")
         for model, data, seed, extra in tqdm(RUNS, desc="files"):
             out = tmp / f"{model}_{data}_{seed}.pt"
-            argv = ["prune", "--model", model, "--data", "digits" if data == "digits" else str(folder),
+            argv = ["prune", "--paper", "--latency-size", "32", "--model", model,
+                    "--data", "digits" if data == "digits" else str(folder),
                     "--limit", "120", "--image-size", "32", "--pretrain-epochs", "1", "--finetune-epochs", "1",
                     "--seed", str(seed), "--latency-reps", "1", "--latency-batch", "1", "--quiet", "--device", "cpu",
                     "--out", str(out), "--no-figure", *extra]

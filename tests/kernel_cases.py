@@ -11,6 +11,7 @@ tests/test_emulation_fuzz.py, tests/test_emulation_checks.py):
 """
 from __future__ import annotations
 
+import importlib
 import random
 import shutil
 from dataclasses import dataclass
@@ -296,6 +297,17 @@ MULTI_TILE = Case(1, 12, 140, 140, (3, 3), (2, 2), (1, 1), (1, 1), 0.7, 1, "iden
 MULTI_CTA = Case(1, 40, 30, 30, (3, 3), (1, 2), (1, 1), (1, 1), 0.7, 1, "identity", True, seed=12)
 
 
+def plan_for_one_sm(monkeypatch) -> None:
+    """Make the launchers plan for a GPU of one SM: the planners' cheapest tiles (wide and tall), as before the
+    grid-filling rule. Plans that fill 132 SMs with a test's small map take 1-row / 1-column tiles, where a bug
+    planted in the code for a tile's second row or column never runs."""
+    for module, planner in (("dw_direct", "dw_direct_plan"), ("dw_dr", "dw_dr_plan"),
+                            ("dw_pw_fused", "dw_pw_fused_plan")):
+        mod = importlib.import_module(f"deprune_plugin.kernels.{module}")
+        real = getattr(mod, planner)
+        monkeypatch.setattr(mod, planner, lambda *a, _real=real, **k: _real(*a, **{**k, "sms": 1}))
+
+
 @dataclass(frozen=True)
 class Mutation:
     """A bug planted in a kernel source: ``old`` (found ``count`` times in ``path``, default ``cu_file``: a
@@ -433,6 +445,7 @@ class KernelEmulationTests:
         shutil.copytree(cuda_dir(), mutated)
         (mutated / m.file).write_text(source.replace(m.old, m.new))
         monkeypatch.setenv("DEPRUNE_CUDA_DIR", str(mutated))
+        plan_for_one_sm(monkeypatch)
         for layout in m.layouts:
             y, ref = self.run_case(m.case, torch.float32, layout == "nhwc")
             assert not matches(y, ref, torch.float32), f"mutation {m.why!r} went unnoticed in {layout}"

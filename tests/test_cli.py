@@ -20,13 +20,15 @@ from deprune_plugin.core.method import real_ratio
 from deprune_plugin.tp_glue.serialization import load, load_extra
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--limit", "200", "--image-size", "32", "--pretrain-epochs", "1", "--finetune-epochs", "1",
+TINY = ["--paper", "--latency-size", "32",
+        "--limit", "200", "--image-size", "32", "--pretrain-epochs", "1", "--finetune-epochs", "1",
         "--latency-reps", "3", "--latency-batch", "4", "--quiet", "--device", "cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BENCH_TINY = ["--models", "mobilenetv3_small_050", "--batch", "1", "--reps", "1", "--image-size", "32",
               "--device", "cpu", "--quiet"]
 # in-process runs: a small model and little data, seconds each
-QUICK = ["--model", "mobilenetv3_small_050", "--limit", "40", "--image-size", "32", "--pretrain-epochs", "1",
+QUICK = ["--paper", "--latency-size", "32",
+         "--model", "mobilenetv3_small_050", "--limit", "40", "--image-size", "32", "--pretrain-epochs", "1",
          "--finetune-epochs", "1", "--latency-reps", "2", "--latency-batch", "2", "--quiet", "--device", "cpu"]
 
 
@@ -184,6 +186,10 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "one training image": (["prune", *TINY, "--limit", "1", *out], "at least 2"),
         "a model torch-pruning cannot trace": (["prune", "--source", "torchvision", "--model", "shufflenet_v2_x0_5",
                                                 *TINY, *out], "--pw 0"),
+        "latency budget above 1": (["prune", "--latency-budget", "1.5", *TINY[1:], *out], "--latency-budget"),
+        "latency budget and paper": (["prune", "--latency-budget", "0.7", *TINY, *out], "--paper"),
+        "latency budget with a fixed pw": (["prune", "--latency-budget", "0.7", "--pw", "0.5", *TINY[1:], *out],
+                                           "--pw"),
         "bench batch negative": (["bench", "--batch", "-1"], "--batch"),
         "bench batch zero": (["bench", "--batch", "0"], "--batch"),
         "bench threads negative": (["bench", "--threads", "-1"], "--threads"),
@@ -297,6 +303,25 @@ def test_prune_on_an_imagefolder_tree(tmp_path, capsys):
 # ---------------------------------------------------------------- a finished run is never lost
 def _flush_to_zero() -> bool:
     return bool((torch.full((1,), 1e-30) * 1e-10).item() == 0.0)
+
+
+def test_the_default_prune_is_latency_aware_and_prints_speed_and_accuracy(tmp_path, capsys):
+    """Without --paper / --dw / --pw the job prunes for a latency budget on the target, and reports the
+    search's table, the measured speed-up of accelerate(pruned) over accelerate(unpruned) and top-1."""
+    args = [a for a in QUICK if a != "--paper"]
+    code = main(["prune", *args, "--target", "torch", "--latency-budget", "0.97", "--no-figure",
+                 "--out", str(tmp_path / "m.pt")])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, captured.err
+    assert "latency-aware prune for torch (measured), budget 97% of dense" in out
+    assert "speed-up of accelerate(pruned) over accelerate(unpruned):" in out
+    assert "top-1:" in out
+    m = load_extra(tmp_path / "m.pt")["metrics"]
+    assert m["latency_search"]["target"] == "torch" and m["latency_search"]["budget"] == 0.97
+    assert load_extra(tmp_path / "m.pt")["args"]["latency_budget"] == 0.97
+    assert m["latency_size"] == 32
+    assert load(tmp_path / "m.pt")(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_latency_failure_is_a_warning_and_the_model_and_figure_are_saved(tmp_path, capsys, monkeypatch):

@@ -68,37 +68,49 @@ def test_bad_arguments_raise(call, exc, match):
 
 # ---- the static shared memory planner agrees with the kernel ---------------------------------------
 
-# (group_size, dtype, layout): both paths (fp32: CUDA cores, fp16/bf16: tensor cores), group sizes that are and
-# are not multiples of the 16-row MMA tile, and the largest group (128 rows, 64 positions per CTA).
-SMEM_CONFIGS = [(32, "fp32", "nchw"), (32, "fp16", "nhwc"), (8, "fp32", "nchw"), (8, "fp16", "nhwc"),
-                (40, "fp16", "nchw"), (128, "bf16", "nhwc"), (64, "fp32", "nhwc")]
+# (group_size, dtype, layout, PT): both paths (fp32: CUDA cores, fp16/bf16: tensor cores), group sizes that are
+# and are not multiples of the 16-row MMA tile, the largest group (128 rows, 64 positions per CTA), and the
+# positions per CTA the planner picks for a small input (64: the most CTAs) or larger ones (forced).
+SMEM_CONFIGS = [(32, "fp32", "nchw", None), (32, "fp16", "nhwc", None), (8, "fp32", "nchw", None),
+                (8, "fp16", "nhwc", None), (40, "fp16", "nchw", None), (128, "bf16", "nhwc", None),
+                (64, "fp32", "nhwc", None), (32, "fp16", "nhwc", 256), (32, "fp32", "nchw", 128)]
 
 
-def declared_static_smem(group_size: int, dtype: str, layout: str) -> int:
-    """Static shared memory of the kernel ``dw_dr`` launches for such columns, as declared by the emulated build:
-    the sum of the ``sizeof`` of its ``__shared__`` arrays (read from the built library, never retyped)."""
+def declared_static_smem(group_size: int, dtype: str, layout: str, pt: int | None = None) -> tuple[int, int]:
+    """``(static shared memory, PT)`` of the kernel ``dw_dr`` launches for such columns, as declared by the
+    emulated build: the sum of the ``sizeof`` of its ``__shared__`` arrays (read from the built library, never
+    retyped); ``pt``: force that many positions per CTA (default: the planner's)."""
     x = torch.randn(1, 8, 5, 5).to(DTYPES[dtype])
     if layout == "nhwc":
         x = x.contiguous(memory_format=torch.channels_last)
     cols = DRColumns.from_dense(torch.randn(8, 1, 3, 3), group_size=group_size)
-    with emulation.record_launches() as launches:
-        dw_dr(x, cols, None, padding=1, backend="emu")
+    real = dw_dr_module.dr_plan_positions
+    if pt is not None:
+        dw_dr_module.dr_plan_positions = lambda *a, **k: (pt, real(*a, **k)[1])
+    try:
+        with emulation.record_launches() as launches:
+            dw_dr(x, cols, None, padding=1, backend="emu")
+    finally:
+        dw_dr_module.dr_plan_positions = real
     (launch,) = launches
     assert launch.entry == "deprune_dw_dr" and launch.dynamic_smem == 0
     assert {name.split("::")[-1] for name in launch.shared_arrays} >= {"s_buf", "s_py", "s_dy"}, launch.shared_arrays
-    return launch.static_smem
+    launched_pt = int(dict(launch.defines)["DEPRUNE_DR_PT"])
+    assert pt is None or launched_pt == pt
+    return launch.static_smem, launched_pt
 
 
 def planner_disagreements() -> list[str]:
     """One line per configuration where ``dr_static_smem_bytes`` (looked up at call time, so a test can
     replace it) differs from what the kernel declares."""
     out = []
-    for gs, dtype, layout in SMEM_CONFIGS:
+    for gs, dtype, layout, pt in SMEM_CONFIGS:
         tensor_cores = dtype != "fp32"
-        planned = dw_dr_module.dr_static_smem_bytes(gs, tensor_cores)
-        declared = declared_static_smem(gs, dtype, layout)
+        declared, launched_pt = declared_static_smem(gs, dtype, layout, pt)
+        planned = dw_dr_module.dr_static_smem_bytes(gs, tensor_cores, launched_pt)
         if planned != declared:
-            out.append(f"group_size={gs} {dtype}: planner {planned} bytes, kernel declares {declared}")
+            out.append(f"group_size={gs} {dtype} PT={launched_pt}: planner {planned} bytes, kernel declares "
+                       f"{declared}")
     return out
 
 
@@ -117,10 +129,13 @@ def _rows(gs: int) -> int:
 @pytest.mark.parametrize("wrong", [
     # sizes the X tile as the fp32 [column][position] tile on both paths (wrong where it outgrows the output
     # tile: 16-row ranges)
-    lambda gs, tc: 4 * (max(32 * (_PT(gs) + 1), _rows(gs) * (_PT(gs) + 1)) + 2 * _PT(gs) + 7 * 32),
+    lambda gs, tc, pt=None: 4 * (max(32 * ((pt or _PT(gs)) + 1), _rows(gs) * ((pt or _PT(gs)) + 1))
+                                 + 2 * (pt or _PT(gs)) + 7 * 32),
     # does not round the rows up to whole 16-row MMA tiles
-    lambda gs, tc: _PLANNED(gs, tc) - 4 * (_rows(gs) - gs) * (_PT(gs) + 1),
-], ids=["x-tile-layout", "no-row-rounding"])
+    lambda gs, tc, pt=None: _PLANNED(gs, tc, pt) - 4 * (_rows(gs) - gs) * ((pt or _PT(gs)) + 1),
+    # sizes every CTA for the largest PT, whatever the plan launches
+    lambda gs, tc, pt=None: _PLANNED(gs, tc),
+], ids=["x-tile-layout", "no-row-rounding", "largest-pt-always"])
 def test_wrong_static_smem_planner_is_caught(monkeypatch, wrong):
     monkeypatch.setattr(dw_dr_module, "dr_static_smem_bytes", wrong)
     assert planner_disagreements()

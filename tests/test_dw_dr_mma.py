@@ -249,7 +249,10 @@ def _swap(text: str, a: str, b: str) -> str:
 FRAGMENT_MUTATIONS = {
     # a[1] (row groupID + 8, low columns) and a[2] (row groupID, high columns) exchanged
     "A registers 1 and 2 swapped": lambda s: _swap(_swap(s, "ah[1] = ", "ah[2] = "), "al[1] = ", "al[2] = "),
-    "B registers swapped": lambda s: _swap(s, "] = xp[0];", "] = xp[4];"),
+    "B registers swapped": lambda s: _swap(s, "DR_XW(pp, ks * 8 + tig)]", "DR_XW(pp, ks * 8 + tig + 4)]"),
+    # the staging writes the X tile unswizzled while the B fragments read it swizzled
+    "X tile swizzle on one side only": lambda s: s.replace("s_xw[DR_XW(pp, kp)] = lo | (hi << 16);",
+                                                           "s_xw[pp * DR_XS + kp] = lo | (hi << 16);"),
     "C/D rows 0-7 and 8-15 swapped": lambda s: s.replace("const int row = mt * 16 + group + ((r & 2) ? 8 : 0);",
                                                          "const int row = mt * 16 + group + ((r & 2) ? 0 : 8);"),
     "A's high columns read 4 columns early": lambda s: s.replace("h8 = s_ahi[parity][kc + 8]",

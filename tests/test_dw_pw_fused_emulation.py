@@ -211,9 +211,11 @@ MUTATIONS = {
     "B registers swapped": lambda s: _swap(s, "bf[0] = ", "bf[1] = "),
     "epilogue rows 0-7 and 8-15 swapped": lambda s: s.replace("const int p = mrow + group + 8 * h;",
                                                               "const int p = mrow + group + 8 * (1 - h);"),
-    "residual dropped": lambda s: s.replace("if (rn != nullptr) v += deprune_to_float(rn[pix * CO + o]);\n"
-                                            "                deprune_store",
-                                            "deprune_store"),
+    "residual dropped": lambda s: s.replace("v[0] += deprune_to_float(r.v[0]);", ""),
+    "paired outputs swapped": lambda s: s.replace("&out.v[0], v[0]", "&out.v[0], v[1]").replace("&out.v[1], v[1]",
+                                                                                              "&out.v[1], v[0]"),
+    "residual dropped in the per-element tail": lambda s: s.replace(
+        "if (rn != nullptr) w += deprune_to_float(rn[pix * CO + o]);", ""),
     "tap skip inverted": lambda s: s.replace("{ return (keep[t >> 5] >> (t & 31)) & 1u; }",
                                              "{ return !((keep[t >> 5] >> (t & 31)) & 1u); }"),
     "second DW row reads the first row's input": lambda s: s.replace("a[r / SH][e] += wt[e] * xv[e];",
@@ -232,8 +234,13 @@ def test_kernel_mutation_is_caught(tmp_path, monkeypatch, why):
     shutil.copytree(cuda_dir(), mutated)
     (mutated / "dw_pw_fused.cu").write_text(mutated_text)
     monkeypatch.setenv("DEPRUNE_CUDA_DIR", str(mutated))
-    # 72 channels: a partial last chunk; 40 outputs; a residual: every mutated line matters here
-    t = make(2, 72, 40, 7, 7, 3, residual=True, dtype=torch.float16)
+    # the plan a GPU of one SM gets (8-row tiles, two DW rows per item): a plan that fills 132 SMs with this
+    # small map would take 1-row tiles, and the mutated two-row code would not run
+    real = fused_mod.dw_pw_fused_plan
+    monkeypatch.setattr(fused_mod, "dw_pw_fused_plan", lambda *a, **k: real(*a, **{**k, "sms": 1}))
+    # 72 channels: a partial last chunk; 40 outputs (39, odd: the per-element epilogue); a residual: every
+    # mutated line matters here
+    t = make(2, 72, 39 if "per-element" in why else 40, 7, 7, 3, residual=True, dtype=torch.float16)
     y = run(t)
     ref = reference(t)
     assert not torch.allclose(y.float(), ref.to(torch.float16).float(), rtol=2e-2, atol=2e-2), f"{why} unnoticed"
@@ -391,7 +398,7 @@ def test_one_and_two_output_rows_per_dw_item(monkeypatch, rows, k, stride, dilat
     real = fused_mod.dw_pw_fused_plan
 
     def plan(*a, **kw):
-        p = real(*a, **kw)
+        p = real(*a, **{**kw, "sms": 1})  # one SM: the tallest tile (a 132-SM plan of this map has 1-row tiles)
         return replace(p, defines={**p.defines, "DEPRUNE_DW_ROWS": rows})
     monkeypatch.setattr(fused_mod, "dw_pw_fused_plan", plan)
     check(make(2, 48, 24, 12, 11, k, stride=stride, dilation=dilation, residual=stride == 1, density=0.4))

@@ -19,7 +19,7 @@ import torch
 
 from deprune_plugin.kernels.cupy_launch import NVRTC_OPTIONS, nvrtc_include_dirs
 from deprune_plugin.kernels.dw_direct import dw_direct_defines
-from deprune_plugin.kernels.dw_dr import dw_dr_defines
+from deprune_plugin.kernels.dw_dr import dr_plan_positions, dw_dr_defines
 from deprune_plugin.kernels.dw_pw_fused import dw_pw_fused_defines
 from deprune_plugin.kernels.nvrtc import load_nvrtc, nvrtc_version
 from deprune_plugin.kernels.report import find_tool, sass_local_instrs
@@ -32,6 +32,12 @@ DR_VARIANTS = [(32, 32)]                     # (group_size, tile) for every dtyp
 DR_EXTRA = [(torch.float32, True, 64, 16)]   # (dtype, nhwc, group_size, tile): one more group/tile variant
 
 
+def _dr_pt(group_size: int) -> int:
+    """Positions per CTA the DR launcher plans for the reference call below (2 x 40 x 9 x 10): the grid-filling
+    rule of :func:`dr_plan_positions` picks it from the shape."""
+    return dr_plan_positions(9 * 10, -(-40 // group_size), 2, group_size)[0]
+
+
 def _specialisations() -> list[tuple[str, KernelSource]]:
     """(entry, source) pairs built from the launchers' own define sets (:func:`dw_direct_defines`,
     :func:`dw_dr_defines`): kernel x dtype x layout, plus a DR group/tile variant."""
@@ -39,9 +45,11 @@ def _specialisations() -> list[tuple[str, KernelSource]]:
     for dtype in DTYPES:
         for nhwc in (False, True):
             out.append(("deprune_dw_direct", specialize("dw_direct.cu", dw_direct_defines(dtype, nhwc))))
-            out += [("deprune_dw_dr", specialize("dw_dr.cu", dw_dr_defines(dtype, nhwc, gs, tile)))
+            out += [("deprune_dw_dr", specialize("dw_dr.cu", dw_dr_defines(dtype, nhwc, gs, tile,
+                                                                           positions_per_cta=_dr_pt(gs))))
                     for gs, tile in DR_VARIANTS]
-    out += [("deprune_dw_dr", specialize("dw_dr.cu", dw_dr_defines(dtype, nhwc, gs, tile)))
+    out += [("deprune_dw_dr", specialize("dw_dr.cu", dw_dr_defines(dtype, nhwc, gs, tile,
+                                                                   positions_per_cta=_dr_pt(gs))))
             for dtype, nhwc, gs, tile in DR_EXTRA]
     out += [("deprune_dw_pw_fused", specialize("dw_pw_fused.cu", dw_pw_fused_defines(dtype))) for dtype in DTYPES]
     return out

@@ -109,9 +109,21 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="state dict to start from (a classifier of another class count is re-initialised); "
                         "without one the model is trained from scratch on the built-in data first")
-    g = p.add_argument_group("pruning")
-    g.add_argument("--dw", type=_ratio, default=0.78, help="DW tap pruning ratio (default: %(default)s)")
-    g.add_argument("--pw", type=_ratio, default=0.5, help="PW-conv2 filter pruning ratio (default: %(default)s)")
+    g = p.add_argument_group("pruning (default: latency-aware, for the machine this runs on)")
+    g.add_argument("--latency-budget", type=_budget, default=None, metavar="FRACTION",
+                   help="latency of the pruned model on --target at --latency-size, batch 1, as a fraction of "
+                        f"the unpruned model's (default: {DEFAULT_BUDGET} unless --paper, --dw or --pw is given)")
+    g.add_argument("--target", default="auto", choices=["auto", "openvino", "onnxruntime", "torch", "cuda"],
+                   help="where the model will run: auto = cuda with --device cuda, else openvino (default: auto)")
+    g.add_argument("--latency-size", type=_int_at_least(8), default=224,
+                   help="input side the latency is asked and measured at (default: %(default)s)")
+    g.add_argument("--paper", action="store_true",
+                   help="the paper's fixed ratios instead (DEPrune --variant at --dw / --pw)")
+    g.add_argument("--dw", type=_ratio, default=None,
+                   help="DW tap pruning ratio (fixed ratios: default 0.78; latency-aware: the tap ratio tried "
+                        "where the target gains from pruned taps)")
+    g.add_argument("--pw", type=_ratio, default=None,
+                   help="PW-conv2 filter pruning ratio; giving it selects fixed ratios (default 0.5)")
     g.add_argument("--variant", default="BH", choices=sorted(VARIANTS),
                    help="plain = DEPrune, B = +BWT, BH = +BWT+HSR (default: %(default)s)")
     g.add_argument("--steps", type=_int_at_least(1), default=1,
@@ -147,7 +159,8 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"output model file, used as given (default: OUT_DIR/{DEFAULT_OUT_NAME})")
     g.add_argument("--figure", default=None, metavar="PATH.png", help="report figure (default: next to --out)")
     g.add_argument("--no-figure", action="store_true", help="do not write the figure")
-    g.add_argument("--latency-batch", type=_int_at_least(1), default=32, help="(default: %(default)s)")
+    g.add_argument("--latency-batch", type=_int_at_least(1), default=1,
+                   help="batch of the final latency measurement, at --latency-size (default: %(default)s)")
     g.add_argument("--latency-reps", type=_int_at_least(1), default=20, help="(default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
@@ -276,8 +289,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=_int_at_least(2), default=None, help="use at most N images per split")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="(default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                   help="any of: dense deprune deprune-b deprune-bh dw-only pw-only channels 2:4 "
-                        "(default: dense deprune deprune-b deprune-bh channels 2:4)")
+                   help="any of: dense deprune deprune-b deprune-bh dw-only pw-only channels 2:4, channels-R, "
+                        "expanded-R, latency-B (a latency budget), latency:METHOD (the latency METHOD measured, "
+                        "METHOD listed earlier) (default: dense deprune deprune-b deprune-bh channels 2:4)")
     p.add_argument("--dense-epochs", type=_int_at_least(0), default=12, help="(default: %(default)s)")
     p.add_argument("--finetune-epochs", type=_int_at_least(0), default=6, help="(default: %(default)s)")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="dense training lr (default: %(default)s)")
@@ -292,6 +306,12 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
                    help="distil from the dense model while fine-tuning, every pruned method alike (default: on)")
     p.add_argument("--json", default=None, metavar="PATH.json", help="write the results as JSON")
     p.add_argument("--figure", default=None, metavar="PATH.png", help="accuracy vs MACs plot")
+    p.add_argument("--latency-figure", default=None, metavar="PATH.png",
+                   help="accuracy vs measured latency plot, Pareto front marked")
+    p.add_argument("--latency-target", default="openvino", choices=["openvino", "onnxruntime", "torch", "cuda", "none"],
+                   help="where every run's latency is measured ('none': not measured) (default: %(default)s)")
+    p.add_argument("--latency-size", type=_int_at_least(8), default=224, help="(default: %(default)s)")
+    p.add_argument("--latency-batch", type=_int_at_least(1), default=1, help="(default: %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_compare)
@@ -311,9 +331,9 @@ def run_compare(args: argparse.Namespace) -> int:
     """``deprune compare``: see :mod:`deprune_plugin.app.compare`. Returns the exit status."""
     import torch
 
-    from .compare import DEFAULT_METHODS, CompareConfig, compare, format_table, plot_compare, write_json
+    from .compare import DEFAULT_METHODS, CompareConfig, compare, format_table, plot_compare, plot_latency, write_json
 
-    for path, what in ((args.json, "--json"), (args.figure, "--figure")):
+    for path, what in ((args.json, "--json"), (args.figure, "--figure"), (args.latency_figure, "--latency-figure")):
         if path:
             _check_writable(path, what)
     try:
@@ -323,7 +343,9 @@ def run_compare(args: argparse.Namespace) -> int:
                             finetune_epochs=args.finetune_epochs, lr=args.lr, finetune_lr=args.finetune_lr,
                             dw=args.dw, pw=args.pw, taps=args.taps, channel_floor=args.channel_floor,
                             recalibrate=not args.no_recalibrate, distill=args.distill, device=args.device,
-                            quiet=args.quiet)
+                            quiet=args.quiet,
+                            latency_target=None if args.latency_target == "none" else args.latency_target,
+                            latency_size=args.latency_size, latency_batch=args.latency_batch)
     except ValueError as e:
         _fail(str(e))
     before = _flush_denormal_enabled()
@@ -341,16 +363,53 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.figure:
         plot_compare(result, args.figure)
         print(f"wrote {args.figure}")
+    if args.latency_figure:
+        plot_latency(result, args.latency_figure)
+        print(f"wrote {args.latency_figure}")
     return 0
 
 
 _PRUNE_DOC = f"""\
-Prune a DSConv CNN with DEPrune and fine-tune it.
+Prune a DSConv CNN and fine-tune it: by default for a latency budget on the machine it runs on (OpenVINO on a
+CPU), choosing per block expanded channels, residual streams and DW taps; --paper for DEPrune's fixed ratios.
 
 Example (a few minutes on a laptop CPU, built-in digits data, nothing downloaded):
-  deprune prune --model mobilenetv2_100 --dw 0.78 --pw 0.5     # writes {DEFAULT_OUT_DIR}/pruned.pt and pruned.png
+  deprune prune --model mobilenetv2_100                        # writes {DEFAULT_OUT_DIR}/pruned.pt and pruned.png
+  deprune prune --model mobilenetv2_100 --latency-budget 0.6 --target onnxruntime
+  deprune prune --model mobilenetv2_100 --paper --dw 0.78 --pw 0.5     # DEPrune-BH, the paper's ratios
   python -c "from deprune_plugin import load; m = load('{DEFAULT_OUT_DIR}/pruned.pt')"
 """
+
+
+DEFAULT_BUDGET = 0.7
+
+
+def _budget(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
+
+
+def prune_mode(args: argparse.Namespace, device: str = "cpu") -> tuple[float | None, str, float, float]:
+    """``(latency budget or None for fixed ratios, target, dw ratio, pw ratio)`` from the prune flags
+    (``device``: the resolved device type, which ``--target auto`` follows)."""
+    fixed = args.paper or (args.latency_budget is None and (args.dw is not None or args.pw is not None))
+    dw = 0.78 if args.dw is None else args.dw
+    pw = 0.5 if args.pw is None else args.pw
+    if fixed:
+        if args.latency_budget is not None:
+            _fail("--latency-budget and --paper exclude each other: --paper prunes at fixed ratios")
+        return None, "", dw, pw
+    if args.pw is not None:
+        _fail("--pw is a fixed ratio: with --latency-budget the search chooses the widths (drop --pw, or add --paper)")
+    target = args.target
+    if target == "auto":
+        target = "cuda" if device == "cuda" else "openvino"
+    return (DEFAULT_BUDGET if args.latency_budget is None else args.latency_budget), target, dw, pw
 
 
 def _fail(message: str) -> NoReturn:
@@ -522,11 +581,20 @@ def _setup_prune(args: argparse.Namespace) -> _PruneSetup:
     if n_train < 2 and (pretrain or args.finetune_epochs):
         _fail(f"{n_train} training image (--limit {args.limit}): training needs at least 2 "
               "(a batch of 1 crashes BatchNorm)")
+    budget, target, dw, pw = prune_mode(args, device.type)
+    # the saved run states what was used, not what was left to defaults
+    args.dw, args.pw = dw, (pw if budget is None else None)
+    args.latency_budget, args.target = budget, (target or None)
     example = torch.randn(1, 3, args.image_size, args.image_size)
+    latency = {}
+    if budget is not None:
+        example = torch.randn(1, 3, args.latency_size, args.latency_size)
+        sens = next(iter(train_loader))[0][:64]  # the proxy ranks channels on real images
+        latency = {"latency_budget": budget, "target": target, "sensitivity_inputs": sens}
     try:
         pruner = DEPruner(model, example, importance=DEPruneImportance(taps=args.taps),
-                          dw_pruning_ratio=args.dw, pw_pruning_ratio=args.pw, variant=args.variant,
-                          iterative_steps=args.steps, ignored_layers=[classifier_of(model)])
+                          dw_pruning_ratio=dw, pw_pruning_ratio=pw, variant=args.variant,
+                          iterative_steps=args.steps, ignored_layers=[classifier_of(model)], **latency)
     except (ValueError, TypeError) as e:
         hint = " (on the command line: --pw 0)" if "pw_pruning_ratio=0" in str(e) else ""
         _fail(f"cannot prune {args.model!r}: {e}{hint}")
@@ -547,15 +615,18 @@ def _measure_latency(dense, pruned, args: argparse.Namespace, device) -> tuple[d
     from ..accel import accelerate
     from ..core.timing import interleaved_medians
 
-    x = torch.randn(args.latency_batch, 3, args.image_size, args.image_size, device=device)
+    x = torch.randn(args.latency_batch, 3, args.latency_size, args.latency_size, device=device)
     dense.to(device).eval()
     pruned.to(device).eval()
     fns = {"before": lambda: dense(x), "after": lambda: pruned(x)}
     note = None
     try:
+        fast_dense = accelerate(dense, backend="auto", example_inputs=x[:1])
         fast = accelerate(pruned, backend="auto", example_inputs=x[:1])
         with torch.inference_mode():
-            fast(x)  # a trial call: a model that fails here must not fail the timing loop
+            fast_dense(x)  # trial calls: a model that fails here must not fail the timing loop
+            fast(x)
+        fns["before, accelerated"] = lambda: fast_dense(x)
         fns["accelerated"] = lambda: fast(x)
     except Exception as e:  # noqa: BLE001 - speed-up is optional; the pruned model is the product
         note = f"accelerate() failed, not timed: {type(e).__name__}: {_one_line(e)}"
@@ -622,7 +693,12 @@ def _prune(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     for step in range(args.steps):
         model.cpu()  # the pruner's example input lives on the CPU; pruning is cheap there
-        pruner.step()
+        try:
+            pruner.step()
+        except ValueError as e:
+            if "latency_budget" not in str(e):
+                raise
+            _fail(str(e).replace("latency_budget=", "--latency-budget "))
         if step < args.steps - 1 and args.finetune_epochs:
             train(model, s.train_loader, 1, args.finetune_lr, dev, q, desc=f"fine-tune step {step + 1}")
     prune_seconds = time.perf_counter() - t0
@@ -659,6 +735,12 @@ def _prune(args: argparse.Namespace) -> int:
         "prune_seconds": prune_seconds, "blind_dw_channels": summary.blind_channels,
         "constant_bn_channels_folded": n_constant,
     }
+    rep = summary.latency
+    if rep is not None:
+        metrics["latency_search"] = {"target": rep.target, "modelled": rep.modelled, "budget": rep.budget,
+                                     "dense_ms": rep.dense_s * 1e3, "predicted_ms": rep.predicted_s * 1e3,
+                                     "measured_ms": None if rep.measured_s is None else rep.measured_s * 1e3,
+                                     "stream_ratio": rep.stream_ratio, "proxy_loss": rep.proxy_loss}
     extra = {"metrics": metrics, "args": _plain_args(args), "group_size": pruner.group_size,
              "dw_targets": {r.name: r.target_ratio for r in summary.rows}, "summary": summary.table()}
     arch = {"source": args.source, "name": args.model, "kwargs": {"num_classes": s.num_classes}}
@@ -688,13 +770,18 @@ def _prune(args: argparse.Namespace) -> int:
         _warn(f"latency not measured: {type(e).__name__}: {e}")
     model.cpu()
     if latency:
-        metrics.update(latency_ms=latency, latency_device=dev.type, latency_batch=args.latency_batch)
+        metrics.update(latency_ms=latency, latency_device=dev.type, latency_batch=args.latency_batch,
+                       latency_size=args.latency_size)
         figure_ok = write()  # again, with the latency panel
     print(summary.table())
     print(f"top-1: {top1_before:.2f}% -> {top1_after:.2f}%")
     if latency:
-        print("latency ({} batch {}, median): {}".format(dev.type, args.latency_batch, ", ".join(
+        print("latency ({} {}x{} batch {}, median): {}".format(dev.type, args.latency_size, args.latency_size,
+                                                             args.latency_batch, ", ".join(
             f"{k} {v:.2f} ms" for k, v in latency.items())))
+        if "accelerated" in latency:
+            print(f"speed-up of accelerate(pruned) over accelerate(unpruned): "
+                  f"{latency['before, accelerated'] / latency['accelerated']:.2f}x")
     print(f"saved {s.out}" + (f", figure {s.figure}" if figure_ok else ""))
     return 0
 

@@ -9,7 +9,14 @@ from the dense model) and measure again. Methods (:data:`METHODS`):
 - ``dw-only``, ``pw-only``: DEPrune-B's two halves alone (what each costs in accuracy);
 - ``channels``: plain torch-pruning channel pruning (l2 groups, every group) at the ratio whose non-zero
   MACs match DEPrune-BH's (matched MACs, not latency: the count does not depend on the machine);
-- ``2:4``: 2:4 semi-structured sparsity on every DW conv and every 1x1 conv.
+- ``2:4``: 2:4 semi-structured sparsity on every DW conv and every 1x1 conv;
+- ``channels-R``: channel pruning at ratio ``R``; ``expanded-R``: only expanded channels (PW-conv1 outputs =
+  DW channels) at ``R``, streams kept;
+- ``latency-B``: latency-aware pruning (``DEPruner(latency_budget=B, target=...)``); ``latency:METHOD``: the
+  same at the latency ``METHOD`` measured in this seed (``METHOD`` runs earlier in the list).
+
+Every run's latency is measured on ``latency_target`` at ``latency_size`` (interleaved with the dense model,
+as a ratio), so methods can be compared at equal **measured** latency, not only at equal MACs.
 
 MACs are counted over non-zero weights (pruned taps and 2:4 zeros are work a sparse kernel skips).
 """
@@ -30,13 +37,14 @@ from ..core.cost import count_cost
 from ..core.recalibration import recalibrate_bn
 from ..core.semi_structured import apply_nm_sparsity
 from ..core.zoo import build_model, classifier_of
-from ..tp_glue.baselines import channel_prune, ratio_for_macs
+from ..tp_glue.baselines import channel_prune, expanded_prune, ratio_for_macs
 from ..tp_glue.importance import TAP_CRITERIA, DEPruneImportance
 from ..tp_glue.pruner import DEPruner
 from .data import make_loaders
 from .training import evaluate, reinit_classifier_, resolve_device, train
 
-__all__ = ["CompareConfig", "METHODS", "DEFAULT_METHODS", "compare", "format_table", "plot_compare"]
+__all__ = ["CompareConfig", "METHODS", "DEFAULT_METHODS", "compare", "format_table", "plot_compare", "plot_latency",
+           "pareto_front", "paired_differences", "proxy_tracking"]
 
 
 @dataclass
@@ -65,13 +73,23 @@ class CompareConfig:
     kd_temperature: float = 4.0
     kd_alpha: float = 0.5
     match_iterations: int = 10  # bisection steps of the channel ratio that matches DEPrune-BH's MACs
+    latency_target: str | None = "openvino"  # None: no latency measured
+    latency_size: int = 224
+    latency_batch: int = 1
+    latency_reps: int = 30
     device: str = "auto"
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if _method(m) is None]
         if unknown or not self.methods:
-            raise ValueError(f"methods must be a non-empty list of {sorted(METHODS)}, got {list(self.methods)!r}")
+            raise ValueError(f"methods must be a non-empty list of {sorted(METHODS)} or channels-R, expanded-R, "
+                             f"latency-B, latency:METHOD; got {list(self.methods)!r}")
+        for i, m in enumerate(self.methods):
+            if m.startswith("latency") and self.latency_target is None:
+                raise ValueError(f"method {m!r} needs a latency_target")
+            if m.startswith("latency:") and m.split(":", 1)[1] not in self.methods[:i]:
+                raise ValueError(f"method {m!r} needs {m.split(':', 1)[1]!r} earlier in methods")
         if not self.seeds:
             raise ValueError("seeds must name at least one seed")
         if self.taps not in TAP_CRITERIA:
@@ -90,6 +108,9 @@ class CompareConfig:
 class _Context:
     cfg: CompareConfig
     example: torch.Tensor
+    sensitivity: torch.Tensor | None = None
+    latency_of: dict[str, float] | None = None   # method -> measured latency ratio, this seed
+    proxy_loss: float | None = None               # set by a latency-aware method
 
 
 def _ignored(model: nn.Module) -> list[nn.Module]:
@@ -133,6 +154,47 @@ def _two_four(model: nn.Module, ctx: _Context) -> None:
     apply_nm_sparsity(model, 2, 4, skip=_ignored(model))
 
 
+def _channels_at(ratio: float) -> Callable[[nn.Module, _Context], None]:
+    def run(model: nn.Module, ctx: _Context) -> None:
+        channel_prune(model, ctx.example, ratio, _ignored(model))
+    return run
+
+
+def _expanded_at(ratio: float) -> Callable[[nn.Module, _Context], None]:
+    """Only expanded channels, every block at ``ratio``; streams and taps kept."""
+    def run(model: nn.Module, ctx: _Context) -> None:
+        expanded_prune(model, ctx.example, ratio, _ignored(model))
+    return run
+
+
+def _latency(budget: float | str) -> Callable[[nn.Module, _Context], None]:
+    def run(model: nn.Module, ctx: _Context) -> None:
+        b = ctx.latency_of[budget] if isinstance(budget, str) else budget
+        example = torch.randn(ctx.cfg.latency_batch, 3, ctx.cfg.latency_size, ctx.cfg.latency_size)
+        pruner = DEPruner(model, example, latency_budget=min(1.0, b), target=ctx.cfg.latency_target,
+                          dw_pruning_ratio=ctx.cfg.dw, sensitivity_inputs=ctx.sensitivity,
+                          importance=DEPruneImportance(taps=ctx.cfg.taps), ignored_layers=_ignored(model))
+        pruner.step()
+        ctx.proxy_loss = pruner.latency_report.proxy_loss
+    return run
+
+
+def _method(name: str) -> Callable[[nn.Module, _Context], None] | None:
+    """The prune function of a method name (see the module doc), ``None`` when unknown."""
+    if name in METHODS:
+        return METHODS[name]
+    for prefix, make in (("channels-", _channels_at), ("expanded-", _expanded_at), ("latency-", _latency)):
+        if name.startswith(prefix):
+            try:
+                r = float(name[len(prefix):])
+            except ValueError:
+                return None
+            return make(r) if 0.0 < r < 1.0 or (prefix == "latency-" and r == 1.0) else None
+    if name.startswith("latency:"):
+        return _latency(name.split(":", 1)[1])
+    return None
+
+
 METHODS: dict[str, Callable[[nn.Module, _Context], None]] = {
     "dense": lambda model, ctx: None,
     "deprune": _deprune("plain"),
@@ -158,6 +220,8 @@ class RunResult:
     top1_pruned: float
     top1_recalibrated: float | None
     top1_finetuned: float
+    latency_ratio: float | None = None   # measured latency / the dense model's, on the latency target
+    proxy_loss: float | None = None      # latency-aware methods: the search's summed sensitivity
 
 
 def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm, done: int = 0) -> list[RunResult]:
@@ -171,12 +235,17 @@ def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm, done: int = 0) -> list[R
     train(dense, train_loader, cfg.dense_epochs, cfg.lr, dev, True, desc="dense")
     dense.cpu().eval()
     example = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    sensitivity = next(iter(train_loader))[0][:64]
     results = []
+    measured: dict[str, float] = {}
     for method in cfg.methods:
         bar.set_postfix_str(f"seed {seed}: {method}")
-        ctx = _Context(cfg, example)
+        ctx = _Context(cfg, example, sensitivity, measured)
         model = copy.deepcopy(dense)
-        METHODS[method](model, ctx)
+        _method(method)(model, ctx)
+        model.cpu()
+        if cfg.latency_target is not None:
+            measured[method] = 1.0 if method == "dense" else _latency_ratio(dense, model, cfg)
         model.cpu()
         top1_pruned = evaluate(model, test_loader, dev, True)
         recal = None
@@ -192,12 +261,27 @@ def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm, done: int = 0) -> list[R
         train(model, train_loader, cfg.finetune_epochs, cfg.finetune_lr, dev, True, desc=f"fine-tune {method}",
               teacher=teacher, kd_temperature=cfg.kd_temperature, kd_alpha=cfg.kd_alpha)
         results.append(RunResult(method, seed, cost.macs, cost.params, top1_pruned, recal,
-                                 evaluate(model, test_loader, dev, True)))
+                                 evaluate(model, test_loader, dev, True), measured.get(method), ctx.proxy_loss))
         bar.update(1)
         if bar.disable and not cfg.quiet:  # no bar in a log: one plain line per finished run instead
             print(f"compare: {done + len(results)}/{len(cfg.seeds) * len(cfg.methods)} seed {seed} {method}: top-1 "
                   f"{results[-1].top1_finetuned:.2f}%", file=sys.stderr, flush=True)
     return results
+
+
+def _latency_ratio(dense: nn.Module, pruned: nn.Module, cfg: CompareConfig) -> float:
+    """Median latency of ``pruned`` over ``dense`` on ``cfg.latency_target``, timed interleaved."""
+    from ..core.latency import get_target, runner_of
+    from ..core.timing import interleaved_medians
+
+    target = get_target(cfg.latency_target)
+    x = (torch.randn(cfg.latency_batch, 3, cfg.latency_size, cfg.latency_size),)
+    run = runner_of(target)
+    if run is None:
+        return target.seconds(pruned.eval(), x) / target.seconds(dense.eval(), x)
+    med = interleaved_medians({"dense": run(dense.eval(), x), "pruned": run(pruned.eval(), x)},
+                              reps=cfg.latency_reps, warmup=3, gap_s=0.002)
+    return med["pruned"] / med["dense"]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -212,7 +296,8 @@ def summarize(runs: Sequence[RunResult], methods: Sequence[str]) -> list[dict[st
         if not mine:
             continue
         row: dict[str, Any] = {"method": method, "seeds": [r.seed for r in mine]}
-        for key in ("macs", "params", "top1_pruned", "top1_recalibrated", "top1_finetuned"):
+        for key in ("macs", "params", "top1_pruned", "top1_recalibrated", "top1_finetuned", "latency_ratio",
+                    "proxy_loss"):
             vals = [getattr(r, key) for r in mine if getattr(r, key) is not None]
             row[key] = _mean_std([float(v) for v in vals]) if vals else None
         rows.append(row)
@@ -229,7 +314,57 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
     config = asdict(cfg)
     config["seeds"], config["methods"] = list(cfg.seeds), list(cfg.methods)
     return {"config": config, "runs": [asdict(r) for r in runs],
-            "summary": summarize(runs, cfg.methods)}
+            "summary": summarize(runs, cfg.methods), "paired": paired_differences(runs, cfg.methods),
+            "proxy_tracking": proxy_tracking(runs)}
+
+
+def paired_differences(runs: Sequence[RunResult], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """For every ``latency:METHOD``: per seed, its fine-tuned top-1 minus METHOD's and its latency ratio minus
+    METHOD's; mean and standard deviation over seeds."""
+    out = []
+    by = {(r.method, r.seed): r for r in runs}
+    for m in methods:
+        if not m.startswith("latency:"):
+            continue
+        ref = m.split(":", 1)[1]
+        pairs = [(by[(m, s)], by[(ref, s)]) for (mm, s) in by if mm == m and (ref, s) in by]
+        if not pairs:
+            continue
+        acc = [a.top1_finetuned - b.top1_finetuned for a, b in pairs]
+        lat = [a.latency_ratio - b.latency_ratio for a, b in pairs
+               if a.latency_ratio is not None and b.latency_ratio is not None]
+        out.append({"method": m, "reference": ref, "seeds": [a.seed for a, _ in pairs],
+                    "top1_difference": acc, "top1_difference_mean_std": _mean_std(acc),
+                    "latency_ratio_difference_mean_std": _mean_std(lat) if lat else None})
+    return out
+
+
+def proxy_tracking(runs: Sequence[RunResult]) -> dict[str, Any] | None:
+    """Spearman rank correlation between the latency-aware runs' proxy loss and their fine-tuned top-1 (a
+    proxy that tracks accuracy correlates negatively), within each seed and pooled."""
+    pts = [(r.proxy_loss, r.top1_finetuned, r.seed) for r in runs if r.proxy_loss is not None]
+    if len(pts) < 3:
+        return None
+
+    def spearman(xs: list[float], ys: list[float]) -> float | None:
+        def ranks(v: list[float]) -> list[float]:
+            order = sorted(range(len(v)), key=lambda i: v[i])
+            r = [0.0] * len(v)
+            for pos, i in enumerate(order):
+                r[i] = float(pos)
+            return r
+        if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
+            return None
+        rx, ry = ranks(xs), ranks(ys)
+        mx, my = statistics.fmean(rx), statistics.fmean(ry)
+        num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+        den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+        return num / den if den else None
+    seeds = sorted({s for _, _, s in pts})
+    return {"points": [{"proxy_loss": p, "top1": t, "seed": s} for p, t, s in pts],
+            "spearman_pooled": spearman([p for p, _, _ in pts], [t for _, t, _ in pts]),
+            "spearman_per_seed": {s: spearman([p for p, _, ss in pts if ss == s], [t for _, t, ss in pts if ss == s])
+                                  for s in seeds}}
 
 
 def _cell(v: tuple[float, float] | None, fmt: str = "{:.1f}") -> str:
@@ -244,12 +379,20 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{cfg['model']} on {cfg['data']} {cfg['image_size']}x{cfg['image_size']}, seeds {cfg['seeds']}, "
              f"{cfg['dense_epochs']} dense + {cfg['finetune_epochs']} fine-tune epochs (lr {cfg['finetune_lr']}), "
              f"taps={cfg['taps']}, distill={cfg['distill']}",
-             "", "| method | MACs (non-zero) | right after pruning | + BN recalibration | after fine-tuning |",
-             "|---|---|---|---|---|"]
+             "", "| method | MACs (non-zero) | latency / dense | right after pruning | + BN recalibration | "
+             "after fine-tuning |", "|---|---|---|---|---|---|"]
     for row in result["summary"]:
         macs = row["macs"][0] / 1e6
-        lines.append(f"| {row['method']} | {macs:.2f} M | {_cell(row['top1_pruned'])} | "
+        lat = _cell(row.get("latency_ratio"), "{:.2f}")
+        lines.append(f"| {row['method']} | {macs:.2f} M | {lat} | {_cell(row['top1_pruned'])} | "
                      f"{_cell(row['top1_recalibrated'])} | {_cell(row['top1_finetuned'])} |")
+    for p in result.get("paired", []):
+        m, s = p["top1_difference_mean_std"]
+        lines.append(f"paired, {p['method']} - {p['reference']}: top-1 {m:+.2f} ± {s:.2f} points over seeds "
+                     f"{p['seeds']}")
+    if cfg.get("latency_target"):
+        lines.append(f"latency: {cfg['latency_target']}, {cfg['latency_size']}x{cfg['latency_size']} batch "
+                     f"{cfg['latency_batch']}, interleaved medians, ratio to the dense model")
     return "\n".join(lines)
 
 
@@ -268,6 +411,42 @@ def plot_compare(result: dict[str, Any], path: str) -> None:
         ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     cfg = result["config"]
     ax.set_xlabel("MACs per image, non-zero weights (M)")
+    ax.set_ylabel("top-1 after fine-tuning (%)")
+    ax.set_title(f"{cfg['model']}, {cfg['data']} {cfg['image_size']}px, {len(cfg['seeds'])} seeds")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both axes (lower x = latency, higher y = accuracy)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_latency(result: dict[str, Any], path: str) -> None:
+    """PNG: fine-tuned top-1 (mean ± std) against measured latency (ratio to dense, mean ± std), one point
+    per method, the Pareto front joined."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in result["summary"] if r.get("latency_ratio")]
+    fig = Figure(figsize=(6.5, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [(r["latency_ratio"][0], r["top1_finetuned"][0]) for r in rows]
+    for r, (x, y) in zip(rows, pts):
+        ax.errorbar([x], [y], xerr=[r["latency_ratio"][1]], yerr=[r["top1_finetuned"][1]], fmt="o", capsize=3)
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = pareto_front(pts)
+    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="gray", label="Pareto front")
+    cfg = result["config"]
+    ax.set_xlabel(f"measured latency / dense ({cfg['latency_target']}, {cfg['latency_size']}px, "
+                  f"batch {cfg['latency_batch']})")
     ax.set_ylabel("top-1 after fine-tuning (%)")
     ax.set_title(f"{cfg['model']}, {cfg['data']} {cfg['image_size']}px, {len(cfg['seeds'])} seeds")
     ax.grid(True, alpha=0.3)

@@ -43,7 +43,7 @@ def fusable_pairs(model: nn.Module, example: torch.Tensor) -> dict[str, dict]:
     from ..accel.fused import plan_pair_edits, plan_residual_edits
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", RuntimeWarning)  # reverted edits: the pair planner reads the result
         fast = accelerate(model, backend="torch", example_inputs=example, config=AccelerateConfig(cpu_runtimes=()))
     edits, unfused = plan_pair_edits(fast, example)
     for e in edits:

@@ -11,6 +11,8 @@ torch-pruning); may be imported by ``accel``, ``app`` and the package root.
 - :func:`dw_pw_fused`: a DW conv and the 1x1 conv after it in one kernel, the DW result kept on chip
   (``cuda/dw_pw_fused.cu``).
 - :class:`KernelDispatcher`: per-layer choice of the fastest implementation, measured on first use.
+- :mod:`.plan`: launch plans, and the SM counts the planners fill (a CTA per SM where the problem allows).
+- :mod:`.smem_banks`: a model of shared-memory bank conflicts over the kernels' index arithmetic.
 
 Kernel backends (:data:`KERNEL_BACKENDS`): ``"cupy"`` (CUDA tensors; CuPy is optional and imported lazily,
 see :func:`cupy_available`) and ``"emu"`` (CPU tensors; the same ``.cu`` source built with g++, see

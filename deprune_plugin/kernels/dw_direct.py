@@ -18,7 +18,7 @@ import torch
 
 from .formats import CompactTaps
 from .launch import DEFAULT_SMEM_LIMIT, MAX_GRID_YZ, ConvGeometry, dynamic_smem_limit, prepare_conv, run_kernel
-from .plan import KernelPlan
+from .plan import DEFAULT_SMS, KernelPlan, filling
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
 __all__ = ["MAX_THREADS", "VECTOR_BYTES", "dw_direct", "dw_direct_defines", "dw_direct_plan", "reference_geometry",
@@ -120,7 +120,7 @@ def _candidates(g: ConvGeometry, elem: int, lane: int, limit: int, relaxed: bool
 
 
 @lru_cache(maxsize=1024)
-def _plan(g: ConvGeometry, dtype: torch.dtype, smem_limit: int, vector: bool) -> KernelPlan:
+def _plan(g: ConvGeometry, dtype: torch.dtype, smem_limit: int, vector: bool, sms: int) -> KernelPlan:
     elem = _elem(dtype)
     lane = VECTOR_BYTES // elem if vector else 1
     # Shared memory beyond the default 48 KB needs an opt-in and lowers occupancy: only where nothing fits.
@@ -132,6 +132,9 @@ def _plan(g: ConvGeometry, dtype: torch.dtype, smem_limit: int, vector: bool) ->
         layout = " in channels_last" if g.nhwc else ""
         raise ValueError(f"kernel window {g.kh}x{g.kw} with dilation {(g.dh, g.dw)} needs {need} bytes of shared "
                          f"memory{layout}, more than the {smem_limit} the device allows")
+    # Hard floor: a CTA per SM where some plan has that many (narrower tiles or channel blocks); the cost's
+    # soft term only weighs the CTAs above it.
+    cands, allowed = filling(cands, lambda c: c[8], sms)
     most = max(-c[1] for c in cands)
     cands = [c for c in cands if -c[1] >= min(_MIN_THREADS, most)]
     _, _, th, tw, rows, cb, threads, smem, _, staged = min(cands)
@@ -147,7 +150,8 @@ def _plan(g: ConvGeometry, dtype: torch.dtype, smem_limit: int, vector: bool) ->
         kernel="direct", source=SOURCE, entry=ENTRY, defines=defines,
         grid=(-(-g.oh // th) * -(-g.ow // tw), grid_y, g.n), block=(threads, 1, 1), smem_bytes=smem,
         staged_bytes=staged * elem, unique_bytes=unique, bytes_moved=staged * elem + weights + output,
-        extra={"tile": (th, tw), "rows": rows, "channel_block": cb, "vector": bool(vector and g.nhwc)})
+        extra={"tile": (th, tw), "rows": rows, "channel_block": cb, "vector": bool(vector and g.nhwc),
+               "allowed_ctas": allowed})
 
 
 def _defines(dtype: torch.dtype, g: ConvGeometry, tile_h: int, tile_w: int, rows: int, cb: int, vec: int,
@@ -160,7 +164,7 @@ def _defines(dtype: torch.dtype, g: ConvGeometry, tile_h: int, tile_w: int, rows
 
 
 def dw_direct_plan(g: ConvGeometry, dtype: torch.dtype, *, smem_limit: int = DEFAULT_SMEM_LIMIT,
-                   vector: bool | None = None) -> KernelPlan:
+                   vector: bool | None = None, sms: int = DEFAULT_SMS) -> KernelPlan:
     """The launch of ``deprune_dw_direct`` for one call signature.
 
     Args:
@@ -173,6 +177,8 @@ def dw_direct_plan(g: ConvGeometry, dtype: torch.dtype, *, smem_limit: int = DEF
         vector: channels_last only: use 16-byte channel vectors (needs ``C % (16 / element size) == 0`` and
             16-byte aligned ``x`` and ``y``, :func:`vector_ok`); None: whenever C allows it (aligned pointers
             assumed). Ignored for NCHW (scalar).
+        sms: the GPU's SM count: the plan launches at least ``min(sms, allowed)`` CTAs, ``allowed`` the most
+            CTAs any tile / channel block the planner considers launches (``extra["allowed_ctas"]``).
 
     Tiling: NHWC CTAs own ``tile_h x tile_w`` outputs x ``cb`` channels, block ``(cb / vec) * tile_w *
     tile_h / rows`` threads (<= 256); NCHW CTAs one channel's ``tile_h x tile_w`` outputs, ``tile_w *
@@ -183,7 +189,7 @@ def dw_direct_plan(g: ConvGeometry, dtype: torch.dtype, *, smem_limit: int = DEF
         a :class:`.plan.KernelPlan`: ``kernel="direct"``, defines, grid ``(tiles, C / cb or C, N)``, block,
         ``smem_bytes``, ``staged_bytes`` (input bytes all CTAs load, halos included, padding excluded),
         ``unique_bytes`` (the input tensor), ``bytes_moved`` (staged + taps (dense-CSR upper bound) + bias +
-        output); ``extra`` holds the tile, rows per thread, channel block and vector flag.
+        output); ``extra`` holds the tile, rows per thread, channel block, vector flag and ``allowed_ctas``.
 
     Raises:
         ValueError: the window needs more shared memory than ``smem_limit``, or too many channels.
@@ -191,7 +197,7 @@ def dw_direct_plan(g: ConvGeometry, dtype: torch.dtype, *, smem_limit: int = DEF
     scalar_define(dtype)  # TypeError for an unsupported dtype
     if vector is None:
         vector = g.c % (VECTOR_BYTES // _elem(dtype)) == 0
-    return _plan(g, dtype, int(smem_limit), bool(vector) and g.nhwc)
+    return _plan(g, dtype, int(smem_limit), bool(vector) and g.nhwc, int(sms))
 
 
 def reference_geometry(nhwc: bool) -> ConvGeometry:

@@ -21,10 +21,11 @@ import torch
 
 from .formats import DRColumns
 from .launch import DEFAULT_SMEM_LIMIT, MAX_GRID_YZ, ConvGeometry, prepare_conv, run_kernel
-from .plan import KernelPlan
+from .plan import DEFAULT_SMS, KernelPlan, fill_target
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
-__all__ = ["dw_dr", "dw_dr_defines", "dw_dr_plan", "dr_positions_per_cta", "dr_static_smem_bytes",
+__all__ = ["dw_dr", "dw_dr_defines", "dw_dr_plan", "dr_plan_positions", "dr_positions_per_cta", "dr_pt_options",
+           "dr_static_smem_bytes", "dr_x_word", "dr_x_words_per_position",
            "K_STEP", "K_TILE", "THREADS", "MAX_GROUP_SIZE"]
 
 SOURCE = "dw_dr.cu"
@@ -44,10 +45,42 @@ def _rows(group_size: int) -> int:
 
 
 def dr_positions_per_cta(group_size: int) -> int:
-    """PT, output positions per CTA for ``group_size`` channels per range: the largest multiple of 64 (8 warps x
-    one n8 tile) with ``rows x PT <= 32 x THREADS`` accumulators, at most 256."""
+    """The largest PT (output positions per CTA) the kernel takes for ``group_size`` channels per range: the
+    largest multiple of 64 (8 warps x one n8 tile) with ``rows x PT <= 32 x THREADS`` accumulators, at most
+    256."""
     pt = (_ACCUMULATORS * THREADS // _rows(group_size)) // 64 * 64
     return max(64, min(256, pt))
+
+
+def dr_pt_options(group_size: int) -> tuple[int, ...]:
+    """Every PT the kernel compiles for ``group_size``, largest first: 64, 128 or 256 (a multiple of 64 that
+    divides the 256 threads) up to :func:`dr_positions_per_cta`."""
+    return tuple(pt for pt in (256, 128, 64) if pt <= dr_positions_per_cta(group_size))
+
+
+def dr_plan_positions(positions: int, ranges: int, n: int, group_size: int, sms: int = DEFAULT_SMS
+                      ) -> tuple[int, int]:
+    """``(PT, allowed)``: of the PTs whose grid ``ceil(positions / PT) x ranges x n`` has at least
+    ``min(sms, allowed)`` CTAs (``allowed``: the CTAs of the smallest PT, 64), the one with the fewest CTAs
+    (a larger PT builds each A fragment for more MMAs), and of those the smallest (fewer positions past the
+    end; less shared memory). Fewer CTAs than SMs would leave SMs idle."""
+    options = dr_pt_options(group_size)
+    allowed = -(-positions // options[-1]) * ranges * n
+    need = fill_target(allowed, sms)
+    ctas = {pt: -(-positions // pt) * ranges * n for pt in options}
+    pt = min((ctas[pt], pt) for pt in options if ctas[pt] >= need)[1]
+    return pt, allowed
+
+
+def dr_x_words_per_position(k_tile: int = K_TILE) -> int:
+    """The kernel's ``DR_XS``: 32-bit words per position of the 16-bit X tile (column pairs + 4 words)."""
+    return k_tile // 2 + 4
+
+
+def dr_x_word(pp: int, kp: int, k_tile: int = K_TILE) -> int:
+    """The kernel's ``DR_XW``: word of column pair ``kp`` of position ``pp`` in the X tile, the pair's low 2
+    bits XOR-ed with ``(pp / 8) % 4`` (conflict-free staging in NCHW, ``kernels.smem_banks``)."""
+    return pp * dr_x_words_per_position(k_tile) + (kp ^ ((pp >> 3) & 3))
 
 
 def dr_uses_tensor_cores(dtype: torch.dtype) -> bool:
@@ -58,26 +91,28 @@ def dr_uses_tensor_cores(dtype: torch.dtype) -> bool:
 
 def dw_dr_defines(dtype: torch.dtype, nhwc: bool, group_size: int, tile: int | None = None, *,
                   kernel_size: tuple[int, int] = (3, 3), stride: tuple[int, int] = (1, 1),
-                  dilation: tuple[int, int] = (1, 1)) -> dict[str, object]:
+                  dilation: tuple[int, int] = (1, 1), positions_per_cta: int | None = None) -> dict[str, object]:
     """The ``#define`` set ``cuda/dw_dr.cu`` is specialised with for inputs of ``dtype`` in NCHW (``nhwc=False``)
     or channels_last, ``group_size`` channels per range, and the given window / stride / dilation (defaults: a
     3x3 stride-1 layer). ``tile`` (the columns' HSR padding) does not change the source: the kernel's K tile is
     always :data:`K_TILE` and K steps past a range's kept columns are zero-filled; it is accepted for callers
-    that pass it."""
+    that pass it. ``positions_per_cta``: PT (default :func:`dr_positions_per_cta`)."""
     del tile  # documented above: no part of the specialisation
     return {"DEPRUNE_SCALAR": scalar_define(dtype), "DEPRUNE_LAYOUT_NHWC": int(nhwc),
             "DEPRUNE_GROUP_SIZE": int(group_size), "DEPRUNE_KTILE": K_TILE,
-            "DEPRUNE_DR_PT": dr_positions_per_cta(group_size), "DEPRUNE_DR_MMA": int(dr_uses_tensor_cores(dtype)),
+            "DEPRUNE_DR_PT": positions_per_cta or dr_positions_per_cta(group_size),
+            "DEPRUNE_DR_MMA": int(dr_uses_tensor_cores(dtype)),
             "DEPRUNE_KH": int(kernel_size[0]), "DEPRUNE_KW": int(kernel_size[1]),
             "DEPRUNE_SH": int(stride[0]), "DEPRUNE_SW": int(stride[1]),
             "DEPRUNE_DH": int(dilation[0]), "DEPRUNE_DW": int(dilation[1])}
 
 
-def dr_static_smem_bytes(group_size: int, tensor_cores: bool) -> int:
+def dr_static_smem_bytes(group_size: int, tensor_cores: bool, positions_per_cta: int | None = None) -> int:
     """Static shared memory of one ``deprune_dw_dr`` CTA (mirrors the kernel's ``__shared__`` arrays): the union
     of the X tile (16-bit column pairs per position with the MMA path, fp32 positions per column without) and
-    the fp32 output tile, plus position and column metadata."""
-    pt, rows = dr_positions_per_cta(group_size), _rows(group_size)
+    the fp32 output tile, plus position and column metadata. ``positions_per_cta``: PT (default
+    :func:`dr_positions_per_cta`)."""
+    pt, rows = positions_per_cta or dr_positions_per_cta(group_size), _rows(group_size)
     x_words = pt * (K_TILE // 2 + 4) if tensor_cores else K_TILE * (pt + 1)
     buf_words = max(x_words, rows * (pt + 1))
     column_words = 3 * K_TILE + 4 * K_TILE  # offsets, dy, dx + two weight words per column, double-buffered
@@ -92,7 +127,7 @@ def _in_bounds(out: int, size: int, stride: int, pad: int, offset: int) -> int:
 
 
 def dw_dr_plan(g: ConvGeometry, dtype: torch.dtype, cols: DRColumns | Sequence[int], *, group_size: int = 32,
-               smem_limit: int = DEFAULT_SMEM_LIMIT) -> KernelPlan:
+               smem_limit: int = DEFAULT_SMEM_LIMIT, sms: int = DEFAULT_SMS) -> KernelPlan:
     """The launch of ``deprune_dw_dr`` for one call signature.
 
     Args:
@@ -102,6 +137,7 @@ def dw_dr_plan(g: ConvGeometry, dtype: torch.dtype, cols: DRColumns | Sequence[i
             of each of the ``ceil(C / group_size)`` ranges.
         group_size: channels per range when ``cols`` is a sequence.
         smem_limit: shared memory a CTA may use (static arrays only; at most 48 KB by CUDA's rule).
+        sms: the GPU's SM count: the plan launches at least ``min(sms, allowed)`` CTAs (:func:`dr_plan_positions`).
 
     Returns:
         A :class:`.plan.KernelPlan` with ``kernel="dr"``. ``staged_bytes`` counts the input elements the im2col
@@ -110,7 +146,8 @@ def dw_dr_plan(g: ConvGeometry, dtype: torch.dtype, cols: DRColumns | Sequence[i
         per kept column, 4 per bias channel) + output. ``extra`` holds ``positions_per_cta``, ``k_tile``,
         ``k_steps`` (per range), ``zero_columns`` (zero columns that complete partial K steps, per image
         position summed over ranges), ``columns`` (the GEMM's executed K: 16 per K step, summed over ranges),
-        ``mma_per_k_step_tile`` (2 on tensor cores: the hi and lo halves of the weights) and ``static_smem_bytes``.
+        ``mma_per_k_step_tile`` (2 on tensor cores: the hi and lo halves of the weights), ``static_smem_bytes``
+        and ``allowed_ctas``.
     """
     if isinstance(cols, DRColumns):
         group_size = cols.group_size
@@ -129,14 +166,14 @@ def dw_dr_plan(g: ConvGeometry, dtype: torch.dtype, cols: DRColumns | Sequence[i
     if ranges > MAX_GRID_YZ:
         raise ValueError(f"{ranges} balanced ranges exceed the launch grid limit ({MAX_GRID_YZ})")
     tensor_cores = dr_uses_tensor_cores(dtype)
-    smem = dr_static_smem_bytes(group_size, tensor_cores)
+    positions = g.oh * g.ow
+    pt, allowed = dr_plan_positions(positions, ranges, g.n, group_size, sms)
+    smem = dr_static_smem_bytes(group_size, tensor_cores, pt)
     if smem > min(smem_limit, DEFAULT_SMEM_LIMIT):
         raise ValueError(f"group_size={group_size} needs {smem} bytes of static shared memory per CTA "
                          f"(limit {min(smem_limit, DEFAULT_SMEM_LIMIT)})")
     defines = dw_dr_defines(dtype, g.nhwc, group_size, kernel_size=(g.kh, g.kw), stride=(g.sh, g.sw),
-                            dilation=(g.dh, g.dw))
-    pt = dr_positions_per_cta(group_size)
-    positions = g.oh * g.ow
+                            dilation=(g.dh, g.dw), positions_per_cta=pt)
     elem = torch.empty((), dtype=dtype).element_size()
     if per_tap is None:
         gathered = sum(kept) * positions
@@ -155,7 +192,7 @@ def dw_dr_plan(g: ConvGeometry, dtype: torch.dtype, cols: DRColumns | Sequence[i
         tensor_cores=tensor_cores,
         extra={"positions_per_cta": pt, "k_tile": K_TILE, "k_steps": k_steps, "columns": K_STEP * sum(k_steps),
                "zero_columns": sum(K_STEP * s - k for s, k in zip(k_steps, kept)), "static_smem_bytes": smem,
-               "mma_per_k_step_tile": 2 if tensor_cores else 0})
+               "mma_per_k_step_tile": 2 if tensor_cores else 0, "allowed_ctas": allowed})
 
 
 def dw_dr(x: torch.Tensor, cols: DRColumns, bias: torch.Tensor | None, *, stride=(1, 1), padding=(0, 0),

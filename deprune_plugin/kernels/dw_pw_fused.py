@@ -23,10 +23,10 @@ from .activations import ACTIVATIONS
 from .dw_direct import _covered
 from .formats import CompactTaps
 from .launch import DEFAULT_SMEM_LIMIT, MAX_GRID_YZ, ConvGeometry, dynamic_smem_limit, prepare_conv, run_kernel
-from .plan import KernelPlan
+from .plan import DEFAULT_SMS, KernelPlan, filling
 from .sources import arg_i32, arg_ptr, scalar_define, specialize
 
-__all__ = ["REFERENCE_OUT_CHANNELS", "THREADS", "dw_pw_fused", "dw_pw_fused_defines", "dw_pw_fused_plan",
+__all__ = ["REFERENCE_OUT_CHANNELS", "THREADS", "a_row_elems", "dw_pw_fused", "dw_pw_fused_defines", "dw_pw_fused_plan",
            "fused_smem_bytes", "fused_tap_tables", "reference_geometry"]
 
 SOURCE = "dw_pw_fused.cu"
@@ -50,6 +50,12 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def a_row_elems(kc: int, elem: int) -> int:
+    """The kernel's ``AS``: elements per row of its A and B tiles, ``kc`` + 16 bytes (rows 4 words mod 8:
+    conflict-free fragment and 16-byte reads, ``kernels.smem_banks``)."""
+    return kc + _VECTOR_BYTES // elem
+
+
 def _overlap(g: ConvGeometry, tile_h: int) -> int:
     """Input rows two vertically adjacent tiles share (the kernel's ``OVERLAP``)."""
     return max(0, g.input_window(tile_h, 1)[0] - tile_h * g.sh)
@@ -57,7 +63,7 @@ def _overlap(g: ConvGeometry, tile_h: int) -> int:
 
 def fused_smem_bytes(g: ConvGeometry, elem: int, tile_h: int, tile_w: int, kc: int, cob: int, walk: int = 1) -> int:
     """Dynamic shared memory of one CTA: the kernel's fixed ``SMEM_BYTES`` (input tile with halo, ``KC`` channels
-    per pixel; the A (DW result) and B (1x1 weights) tiles with rows of ``KC + 8`` elements; fp32 taps and keep
+    per pixel; the A (DW result) and B (1x1 weights) tiles with rows of ``KC`` elements + 16 bytes; fp32 taps and keep
     bits) and, for a walk over several tiles, the input rows the next tile reuses, for every chunk
     (``ceil(C / KC)`` x the overlap rows x the tile's input width x ``KC`` elements)."""
     in_h, in_w = g.input_window(tile_h, tile_w)
@@ -65,7 +71,8 @@ def fused_smem_bytes(g: ConvGeometry, elem: int, tile_h: int, tile_w: int, kc: i
 
     def a16(b: int) -> int:
         return -(-b // 16) * 16
-    fixed = a16(a16(in_h * in_w * kc * elem) + a16(tile_h * tile_w * (kc + 8) * elem) + a16(cob * (kc + 8) * elem)
+    row = a_row_elems(kc, elem) * elem
+    fixed = a16(a16(in_h * in_w * kc * elem) + a16(tile_h * tile_w * row) + a16(cob * row)
                 + 4 * kt * kc + 4 * (-(-kt // 32)) * (kc // (_VECTOR_BYTES // elem)))
     halo = _overlap(g, tile_h) * in_w * kc * elem if walk > 1 else 0
     return fixed + -(-g.c // kc) * halo
@@ -146,7 +153,7 @@ def _unfused_bytes(g: ConvGeometry, co: int, elem: int, taps: int, act: bool, re
 
 @lru_cache(maxsize=1024)
 def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bool, act: str, residual: bool,
-          taps: int) -> KernelPlan:
+          taps: int, sms: int) -> KernelPlan:
     elem = _elem(dtype)
     max_acc = _MAX_ACC_MMA if mma and elem == 2 else _MAX_ACC
     cands = (_candidates(g, co, elem, min(DEFAULT_SMEM_LIMIT, smem_limit), max_acc)
@@ -154,6 +161,9 @@ def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bo
     if not cands:
         raise ValueError(f"a fused {g.kh}x{g.kw} stride {(g.sh, g.sw)} pair with {co} outputs needs more shared "
                          f"memory than the {smem_limit} bytes the device allows")
+    # Hard floor: a CTA per SM where some plan has that many (smaller tiles, narrower output blocks, shorter
+    # walks); the cost's soft term only weighs the CTAs above it.
+    cands, allowed = filling(cands, lambda c: c[7], sms)
     _, th, tw, kc, cob, walk, smem, _, staged = min(cands)
     grid = (-(-g.oh // (th * walk)) * -(-g.ow // tw), -(-co // cob), g.n)
     if grid[1] > MAX_GRID_YZ:
@@ -174,13 +184,13 @@ def _plan(g: ConvGeometry, co: int, dtype: torch.dtype, smem_limit: int, mma: bo
         smem_bytes=smem, staged_bytes=staged * elem, unique_bytes=g.n * g.c * g.h * g.w * elem, bytes_moved=moved,
         tensor_cores=tensor_cores,
         extra={"tile": (th, tw), "walk": walk, "chunk": kc, "out_block": cob, "out_channels": co, "residual": residual,
-               "dw_recompute": grid[1], "bytes_moved_unfused": eager, "bytes_moved_layer": layer,
-               "pw_macs": g.n * g.oh * g.ow * g.c * co})
+               "dw_recompute": grid[1], "allowed_ctas": allowed, "bytes_moved_unfused": eager,
+               "bytes_moved_layer": layer, "pw_macs": g.n * g.oh * g.ow * g.c * co})
 
 
 def dw_pw_fused_plan(g: ConvGeometry, out_channels: int, dtype: torch.dtype, *, smem_limit: int = DEFAULT_SMEM_LIMIT,
                      tensor_cores: bool = True, act: str = "identity", residual: bool = False,
-                     kept_taps: int | None = None) -> KernelPlan:
+                     kept_taps: int | None = None, sms: int = DEFAULT_SMS) -> KernelPlan:
     """The launch of ``deprune_dw_pw_fused`` for one call signature.
 
     Args:
@@ -196,12 +206,15 @@ def dw_pw_fused_plan(g: ConvGeometry, out_channels: int, dtype: torch.dtype, *, 
         residual: whether the epilogue adds a residual (counted in the bytes).
         kept_taps: kept DW taps (the unfused DW kernel's tap table, in ``bytes_moved_unfused``); default all
             ``c * kh * kw``.
+        sms: the GPU's SM count: the plan launches at least ``min(sms, allowed)`` CTAs, ``allowed`` the most
+            CTAs any tile / walk / chunk / output block within the shared-memory limit launches
+            (``extra["allowed_ctas"]``).
 
     Returns:
         a :class:`.plan.KernelPlan` (``kernel="fused"``): grid ``(tiles_w * ceil(tiles_h / walk), ceil(CO / COB),
         N)``, block 256, ``staged_bytes`` (input windows with halos, a walk's loaded once, times the
         output-channel blocks), ``bytes_moved`` (staged + tap tables + 1x1 weights + output + residual);
-        ``extra``: tile, walk, chunk, out_block, ``dw_recompute`` (the
+        ``extra``: tile, walk, chunk, out_block, ``allowed_ctas``, ``dw_recompute`` (the
         output-channel blocks, each recomputing the DW tile), ``bytes_moved_unfused``, ``bytes_moved_layer``,
         ``pw_macs``.
     """
@@ -212,7 +225,7 @@ def dw_pw_fused_plan(g: ConvGeometry, out_channels: int, dtype: torch.dtype, *, 
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
     return _plan(g, out_channels, dtype, int(smem_limit), bool(tensor_cores), act, bool(residual),
-                 taps)
+                 taps, int(sms))
 
 
 def fused_tap_tables(taps: CompactTaps, vec: int) -> tuple[torch.Tensor, torch.Tensor]:

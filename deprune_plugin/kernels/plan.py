@@ -8,9 +8,30 @@ kernel's time against the device's copy bandwidth without running it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
-__all__ = ["KernelPlan"]
+__all__ = ["DEFAULT_SMS", "GPU_SMS", "KernelPlan", "fill_target", "filling"]
+
+#: Streaming multiprocessors per architecture (datasheets: A100 sm_80 108, H100 / H200 sm_90 132). A plan
+#: sized for one CTA per SM at least keeps every SM of the GPU busy.
+GPU_SMS: dict[str, int] = {"sm_80": 108, "sm_90": 132}
+#: the SM count a planner fills when the caller does not name the GPU: the largest target's
+DEFAULT_SMS = max(GPU_SMS.values())
+
+
+def fill_target(allowed: int, sms: int = DEFAULT_SMS) -> int:
+    """CTAs a launch must have: one per SM (``sms``), or, where the problem cannot be split that finely, all
+    ``allowed`` (the most CTAs any plan the kernel supports launches for this call)."""
+    return min(int(sms), int(allowed))
+
+
+def filling(candidates: Sequence[tuple], ctas: Callable[[tuple], int], sms: int = DEFAULT_SMS
+            ) -> tuple[list[tuple], int]:
+    """``(the candidates that launch at least fill_target(allowed, sms) CTAs, allowed)``, ``allowed`` the most
+    CTAs over all ``candidates`` (the planner's whole parameter space for the call)."""
+    allowed = max(ctas(c) for c in candidates)
+    need = fill_target(allowed, sms)
+    return [c for c in candidates if ctas(c) >= need], allowed
 
 
 @dataclass(frozen=True)
@@ -48,3 +69,8 @@ class KernelPlan:
     def staged_over_unique(self) -> float:
         """Input bytes staged per unique input byte (1.0: every element loaded once; halos make it larger)."""
         return self.staged_bytes / self.unique_bytes if self.unique_bytes else 1.0
+
+    @property
+    def ctas(self) -> int:
+        """CTAs the launch runs (the grid's product)."""
+        return self.grid[0] * self.grid[1] * self.grid[2]

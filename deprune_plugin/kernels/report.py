@@ -22,15 +22,22 @@ in units of 256, a warp and a block limit per SM, shared memory per SM with 1 KB
 assumption, not a measurement)::
 
     t = max(t_mem, t_latency, t_issue, t_math, t_lds) + t_launch
-    t_mem     = bytes_moved / copy_bw                     (every staged byte counted at DRAM rate, halos too)
-    t_latency = staged_bytes / (SMs * warps_per_SM * inflight_bytes_per_warp / dram_latency)
+    t_mem     = grid_factor * bytes_moved / copy_bw       (every staged byte counted at DRAM rate, halos too)
+    t_latency = staged_bytes / (resident_warps * inflight_bytes_per_warp / dram_latency)
                 (Little's law: the bytes a warp has in flight are the global loads of one iteration of its
-                staging loop, 32 lanes x load width; warps_per_SM from the occupancy)
+                staging loop, 32 lanes x load width; resident_warps = min(CTAs, SMs * blocks_per_SM) x warps
+                per CTA, blocks_per_SM from the occupancy)
     t_issue   = (staged_elements * instr_per_staged_element + MACs * instr_per_mac) / 32
                 / (SMs * 4 schedulers * clock)            (one warp instruction per scheduler per cycle)
     t_math    = MACs / (SMs * 128 FP32 lanes * clock) on CUDA cores, 2 * MACs / tensor_peak with HMMA
     t_lds     = shared-memory wavefronts of the multiply-add loop / (SMs * clock)   (128 bytes per cycle)
     t_launch  = 2 us (kernel launch and ramp-up/tail; an assumption)
+
+The throughput terms (mem, issue, math, lds) are whole-GPU rates, multiplied by ``grid_factor`` =
+SMs * ceil(CTAs / SMs) / CTAs: CTAs are spread round-robin over the SMs, and the launch lasts as long as the
+busiest SM, which runs ceil(CTAs / SMs) CTAs at 1/SMs of each rate (a 1-CTA launch gets 1/SMs of the copy
+bandwidth, a grid of k * SMs CTAs all of it). ``waves`` = ceil(CTAs / (SMs * blocks_per_SM)): the rounds of
+resident CTAs the grid needs (reported; the factor above already counts the tail of the last one).
 
 ``bytes_min`` = input + output + weights, each once (the roofline's bytes); ``roofline_us`` = bytes_min /
 copy_bw; ``modelled_pct_copy_bw`` = 100 * roofline_us / modelled_us (above 100 only for a kernel that reads
@@ -77,7 +84,7 @@ import torch
 
 from .formats import DRColumns
 from .launch import ConvGeometry
-from .plan import KernelPlan
+from .plan import GPU_SMS, KernelPlan
 from .sources import cuda_dir, specialize
 
 # The launcher modules themselves (the package re-exports their functions under the same names).
@@ -86,6 +93,7 @@ _dr_mod = importlib.import_module(f"{__package__}.dw_dr")
 _fused_mod = importlib.import_module(f"{__package__}.dw_pw_fused")
 
 __all__ = ["ARCHS", "Arch", "DWLayer", "KERNELS", "SassStats", "analyze_sass", "compile_stats", "find_tool",
+           "grid_occupancy",
            "kernel_plan", "kernel_report", "occupancy", "print_report", "ptxas_local_memory", "sass_local_instrs"]
 
 #: Kernel variants the report knows: the two DW kernels and the fused DW + 1x1 pair (rows only for layers
@@ -118,9 +126,10 @@ class Arch:
 #: sm_90: H100 SXM5 (datasheet: 132 SMs, 1.98 GHz boost, HBM3 3.35 TB/s, 989.4 TFLOPS fp16 dense tensor);
 #: sm_80: A100 SXM 80 GB (108 SMs, 1.41 GHz, 2.04 TB/s, 312 TFLOPS). copy_tbps: ~90% of spec, assumed.
 ARCHS: dict[str, Arch] = {
-    "sm_80": Arch("sm_80", "A100 SXM 80GB", 108, 1.41, 64, 32, 65536, 164 * 1024, 163 * 1024, 1.8, 2.04, 312.0,
-                   param_base=0x160),
-    "sm_90": Arch("sm_90", "H100 SXM5", 132, 1.98, 64, 32, 65536, 228 * 1024, 227 * 1024, 3.0, 3.35, 989.4),
+    "sm_80": Arch("sm_80", "A100 SXM 80GB", GPU_SMS["sm_80"], 1.41, 64, 32, 65536, 164 * 1024, 163 * 1024, 1.8,
+                  2.04, 312.0, param_base=0x160),
+    "sm_90": Arch("sm_90", "H100 SXM5", GPU_SMS["sm_90"], 1.98, 64, 32, 65536, 228 * 1024, 227 * 1024, 3.0, 3.35,
+                  989.4),
 }
 
 
@@ -202,25 +211,25 @@ def _derived_dr_plan(g: ConvGeometry, dtype: torch.dtype, cols: DRColumns) -> Ke
 def kernel_plan(kernel: str, layer: DWLayer, dtype: torch.dtype, arch: Arch, group_size: int = 32,
                 tile: int = 32) -> KernelPlan:
     """The :class:`.plan.KernelPlan` of ``kernel`` for ``layer``: the launcher's own ``dw_*_plan`` when the
-    kernels package has one (``dw_direct_plan(g, dtype, *, smem_limit)``, ``dw_dr_plan(g, dtype, cols, *,
-    smem_limit)``), else derived from today's launcher and its planner."""
+    kernels package has one (``dw_direct_plan(g, dtype, *, smem_limit, sms)``, ``dw_dr_plan(g, dtype, cols, *,
+    smem_limit, sms)``, sized for ``arch``'s SMs), else derived from today's launcher and its planner."""
     g = layer.geometry
     if kernel == "direct":
         planner = getattr(_direct_mod, "dw_direct_plan", None)
         if planner is not None:
-            return planner(g, dtype, smem_limit=arch.smem_optin)
+            return planner(g, dtype, smem_limit=arch.smem_optin, sms=arch.sms)
         return _derived_direct_plan(g, dtype, layer.keep, arch.smem_optin)
     if kernel == "dr":
         cols = DRColumns.from_dense(layer.keep.float(), layer.keep, group_size=group_size, tile=tile)
         planner = getattr(_dr_mod, "dw_dr_plan", None)
         if planner is not None:
-            return planner(g, dtype, cols, smem_limit=arch.smem_optin)
+            return planner(g, dtype, cols, smem_limit=arch.smem_optin, sms=arch.sms)
         return _derived_dr_plan(g, dtype, cols)
     if kernel == "fused":
         if not layer.pw_out:
             raise ValueError(f"{layer.name} has no fusable 1x1 conv after it ({layer.pw_note or 'pw_out is 0'})")
         return _fused_mod.dw_pw_fused_plan(g, layer.pw_out, dtype, smem_limit=arch.smem_optin, act=layer.act,
-                                           residual=layer.residual, kept_taps=int(layer.keep.sum()))
+                                           residual=layer.residual, kept_taps=int(layer.keep.sum()), sms=arch.sms)
     raise ValueError(f"unknown kernel {kernel!r}; known: {KERNELS}")
 
 
@@ -598,13 +607,26 @@ def occupancy(arch: Arch, threads: int, registers: int, smem_bytes: int) -> dict
             "limiter": limiter}
 
 
+def grid_occupancy(arch: Arch, ctas: int, blocks_per_sm: int) -> dict[str, Any]:
+    """How a grid of ``ctas`` CTAs fills ``arch``'s SMs at ``blocks_per_sm`` resident CTAs per SM: ``waves`` =
+    ceil(ctas / (SMs * blocks_per_sm)) and ``grid_factor`` = SMs * ceil(ctas / SMs) / ctas, the factor on the
+    time of the model's whole-GPU throughput terms (1: every SM runs the same number of CTAs; SMs: one CTA)."""
+    if ctas < 1:
+        raise ValueError(f"a launch has at least one CTA, got {ctas}")
+    return {"waves": -(-ctas // (arch.sms * max(blocks_per_sm, 1))),
+            "grid_factor": arch.sms * -(-ctas // arch.sms) / ctas}
+
+
 def _model(arch: Arch, plan: KernelPlan, stats: SassStats, occ: dict, macs: int, elem_bytes: int,
            bytes_min: int, tensor_cores: bool, tc_macs: int | None = None) -> dict[str, float]:
     clock = arch.clock_ghz * 1e9
     staged_elements = plan.staged_bytes / elem_bytes
-    t_mem = plan.bytes_moved / (arch.copy_tbps * 1e12)
+    grid = grid_occupancy(arch, plan.ctas, occ["blocks_per_sm"])
+    t_mem = grid["grid_factor"] * plan.bytes_moved / (arch.copy_tbps * 1e12)
     inflight = max(stats.staging_load_bytes_per_warp, 1)
-    lat_bw = arch.sms * max(occ["warps_per_sm"], 1) * inflight / (arch.dram_latency_us * 1e-6)
+    warps_per_cta = max(occ["warps_per_sm"] // max(occ["blocks_per_sm"], 1), 1)
+    resident_warps = min(plan.ctas, arch.sms * max(occ["blocks_per_sm"], 1)) * warps_per_cta
+    lat_bw = resident_warps * inflight / (arch.dram_latency_us * 1e-6)
     t_lat = plan.staged_bytes / lat_bw
     ipe = stats.instr_per_staged_element if stats.staging_elements else 0.0
     if tc_macs is not None:  # a fused pair: DW MACs at the CUDA-core loop's cost, 1x1 MACs at the MMA loop's
@@ -616,17 +638,19 @@ def _model(arch: Arch, plan: KernelPlan, stats: SassStats, occ: dict, macs: int,
         iterations = macs * 32 / stats.macs_per_warp_iteration / 32 if stats.macs_per_warp_iteration else 0.0
         warp_instr = staged_elements * ipe / 32 + iterations * stats.mac_instructions
         lds = iterations * stats.lds_cycles_per_iteration
-    t_issue = warp_instr / (arch.sms * 4 * clock)
+    t_issue = grid["grid_factor"] * warp_instr / (arch.sms * 4 * clock)
     if tc_macs is not None:  # a fused pair: the DW taps on CUDA cores, the 1x1 GEMM on tensor cores (or not)
         tc = tc_macs if tensor_cores else 0
         t_math = (macs - tc) / (arch.sms * 128 * clock) + 2 * tc / (arch.tensor_tflops * 1e12)
     else:
         t_math = 2 * macs / (arch.tensor_tflops * 1e12) if tensor_cores else macs / (arch.sms * 128 * clock)
-    t_lds = lds / (arch.sms * clock)
+    t_math *= grid["grid_factor"]
+    t_lds = grid["grid_factor"] * lds / (arch.sms * clock)
     terms = {"mem": t_mem, "latency": t_lat, "issue": t_issue, "math": t_math, "lds": t_lds}
     t = max(terms.values()) + LAUNCH_FLOOR_S
     roof = bytes_min / (arch.copy_tbps * 1e12)
     return {"modelled_us": t * 1e6, "roofline_us": roof * 1e6, "modelled_pct_copy_bw": 100 * roof / t,
+            "ctas": plan.ctas, "waves": grid["waves"], "grid_factor": grid["grid_factor"],
             "bound": max(terms, key=lambda k: terms[k]), **{f"t_{k}_us": v * 1e6 for k, v in terms.items()}}
 
 
@@ -638,7 +662,9 @@ def kernel_report(layers: Sequence[DWLayer], arch: str = "sm_90", dtype: torch.d
 
     Returns ``{"arch", "device", "batch", "dtype", "assumptions", "cuda_dir", "layers": [row, ...],
     "summary"}``; one row per (layer, kernel) with ``layer``, ``kernel``, ``geometry``, ``kept_taps``,
-    ``grid``, ``block``, ``smem_bytes``, ``registers``, ``spills``, ``occupancy``, ``global_load_bits``,
+    ``grid``, ``block``, ``smem_bytes``, ``registers``, ``spills``, ``stack_frame_bytes``, ``local_instrs``,
+    ``ctas``, ``waves``, ``grid_factor``, ``allowed_ctas`` (the most CTAs a plan of the kernel has for the call),
+    ``occupancy``, ``global_load_bits``,
     ``instr_per_staged_element``, ``instr_per_mac``, ``staged_over_unique``, ``bytes_moved``, ``bytes_min``,
     ``tensor_cores``, ``modelled_us``, ``roofline_us``, ``modelled_pct_copy_bw``, ``bound`` (and
     ``bytes_moved_unfused`` for fused rows). ``summary`` per kernel: the layers' summed roofline over their
@@ -687,6 +713,8 @@ def kernel_report(layers: Sequence[DWLayer], arch: str = "sm_90", dtype: torch.d
             "defines": {str(kk): str(v) for kk, v in plan.defines.items()},
             "grid": list(plan.grid), "block": list(plan.block), "smem_bytes": plan.smem_bytes,
             "static_smem_bytes": cs.static_smem, "registers": cs.registers, "spills": cs.spill_bytes,
+            "stack_frame_bytes": cs.stack_bytes, "local_instrs": cs.local_instrs,
+            "allowed_ctas": plan.extra.get("allowed_ctas"),
             "occupancy": round(occ["occupancy"], 3), "occupancy_limiter": occ["limiter"],
             "global_load_bits": ss.global_load_bits, "staging_load_bits": ss.staging_load_bits,
             "instr_per_staged_element": round(ss.instr_per_staged_element, 2),
@@ -729,8 +757,10 @@ def kernel_report(layers: Sequence[DWLayer], arch: str = "sm_90", dtype: torch.d
                         "limits": {"max_warps_per_sm": a.max_warps, "max_blocks_per_sm": a.max_blocks,
                                    "registers_per_sm": a.regs, "smem_per_sm": a.smem_per_sm,
                                    "smem_per_block_optin": a.smem_optin},
-                        "model": "t = max(bytes_moved/copy_bw, staged/(SMs*warps*inflight/latency), "
-                                 "warp_instr/(SMs*4*clock), MACs/peak, LDS wavefronts/(SMs*clock)) + launch floor"},
+                        "model": "t = max(f*bytes_moved/copy_bw, staged/(resident_warps*inflight/latency), "
+                                 "f*warp_instr/(SMs*4*clock), f*MACs/peak, f*LDS wavefronts/(SMs*clock)) + launch "
+                                 "floor; f = SMs*ceil(CTAs/SMs)/CTAs, resident_warps = min(CTAs, SMs*blocks_per_SM)"
+                                 "*warps_per_CTA"},
         "layers": rows, "summary": summary, "unfused_layers": left,
     }
 
@@ -762,6 +792,7 @@ def _progress(items: list, enabled: bool, desc: str):
 
 _COLUMNS = [("layer", "layer", 18, "s"), ("kernel", "kern", 6, "s"), ("c", "C", 5, "d"), ("hw", "HxW", 9, "s"),
             ("s", "s", 2, "d"), ("kept", "taps", 5, "s"), ("registers", "regs", 4, "d"), ("spills", "spill", 5, "d"),
+            ("stack_frame_bytes", "stack", 5, "d"), ("ctas", "CTAs", 6, "d"), ("waves", "waves", 5, "d"),
             ("occupancy", "occ", 5, ".2f"), ("global_load_bits", "ldg", 4, "d"),
             ("staging_load_bits", "stg", 4, "d"),
             ("instr_per_staged_element", "ins/el", 6, ".1f"), ("staged_over_unique", "st/u", 5, ".2f"),

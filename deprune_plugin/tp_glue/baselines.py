@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-__all__ = ["channel_prune", "ratio_for_macs"]
+__all__ = ["channel_prune", "expanded_prune", "ratio_for_macs"]
 
 
 def channel_prune(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio: float,
@@ -28,6 +28,32 @@ def channel_prune(model: nn.Module, example_inputs: torch.Tensor | tuple, ratio:
                                        pruning_ratio=float(ratio), ignored_layers=list(ignored_layers),
                                        round_to=round_to)
     pruner.step()
+    model.train(was_training)
+    return model
+
+
+def expanded_prune(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
+                   ignored_layers: Sequence[nn.Module] = (), align: int = 8) -> nn.Module:
+    """Remove ``ratio`` of every block's expanded channels (the DW channel groups that live inside one block:
+    PW-conv1 outputs, DW convs, PW-conv2 inputs), least l2-important first, kept counts a multiple of
+    ``align``; residual streams, taps and everything else kept. Returns ``model`` (pruned in place)."""
+    from .latency_search import _block_modules, find_units
+    from .pruner import DEPruner
+
+    if not 0.0 <= float(ratio) < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+    was_training = model.training
+    p = DEPruner(model, example_inputs, latency_budget=1.0, target="torch", dw_pruning_ratio=0.0,
+                 ignored_layers=list(ignored_layers))
+    inputs = (example_inputs,)
+    blocks = _block_modules(model, p.structure, inputs)
+    ignored = {s for m in ignored_layers for s in m.modules()}
+    for u in find_units(p.DG, model, p.structure, blocks, p.importance, ignored, 1.0):
+        idxs = u.order[:u.width - u.kept(ratio, align)]
+        if u.block is None or not idxs:
+            continue
+        mod = model.get_submodule(u.name)
+        p.DG.get_pruning_group(mod, p.DG.get_pruner_of_module(mod).prune_out_channels, idxs).prune()
     model.train(was_training)
     return model
 
