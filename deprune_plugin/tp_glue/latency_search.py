@@ -55,8 +55,9 @@ class LatencyConfig:
     Args:
         hidden_levels: fractions of a block's expanded channels the search may remove (0 first).
         stream_levels: fractions of every shared group (residual streams) the search may remove (0 first).
-        tolerance: how far above the budget a measured whole-model latency may land before the knapsack's
-            budget is corrected and solved again.
+        tolerance: how far from the budget a measured whole-model latency may land before the knapsack's
+            budget is corrected and solved again (results within ``[1 - 2 tolerance, 1 + tolerance]`` of the
+            budget are preferred).
         rounds: most correction rounds.
         resolution: latency grid of the knapsack.
     """
@@ -442,7 +443,9 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
         fastest = min(sum(table[(len(hidden) - 1, li, len(tap_levels) - 1)]) + rest[li] for li in rest)
         raise ValueError(f"latency_budget={budget:g} is below what the search reaches on {target.name}: its "
                          f"fastest configuration is predicted at {fastest / dense:.0%} of the dense latency")
-    within = [t for t in tries if t[3] <= budget_s * (1 + config.tolerance)]
+    # prefer tries that land near the budget (not far under it: that is accuracy given away), then least loss
+    band = [t for t in tries if budget_s * (1 - 2 * config.tolerance) <= t[3] <= budget_s * (1 + config.tolerance)]
+    within = band or [t for t in tries if t[3] <= budget_s * (1 + config.tolerance)]
     loss, li, picks, measured, predicted, work = min(within, key=lambda t: t[0]) if within else \
         min(tries, key=lambda t: t[3])
     removals, taps = config_of(li, picks)
