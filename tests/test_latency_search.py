@@ -240,3 +240,15 @@ def test_cuda_target_models_without_a_gpu():
     assert modelled_seconds(pair, (y,), "sm_90", 2) < 0.9 * full
     with pytest.raises(ValueError, match="arch"):
         CudaTarget(arch="sm_75")
+
+
+def test_budget_correction_scales_the_predicted_saving():
+    from deprune_plugin.tp_glue.latency_search import _corrected_budget
+
+    # dense 10 ms, asked 9 ms: the table predicted 9 (a 1 ms saving), the whole model measured 9.6 (0.4 ms):
+    # ask the table for 1 ms * 1 / 0.4 = 2.5 ms of saving, i.e. 7.5 ms
+    assert _corrected_budget(10.0, 9.0, 9.0, 9.6, 9.0) == pytest.approx(7.5)
+    # overshoot the other way: predicted 8 (2 ms), measured 7 (3 ms), wanted 1 ms -> ask for 2/3 ms, 9.33 ms
+    assert _corrected_budget(10.0, 9.0, 8.0, 7.0, 8.5) == pytest.approx(10 - 2 / 3)
+    # nothing saved: the ratio of totals
+    assert _corrected_budget(10.0, 9.0, 9.0, 10.5, 9.0) == pytest.approx(9.0 * 9.0 / 10.5)

@@ -43,6 +43,7 @@ def expanded_prune(model: nn.Module, example_inputs: torch.Tensor, ratio: float,
     if not 0.0 <= float(ratio) < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
     was_training = model.training
+    model.eval()  # the block probe runs a forward: BN statistics must not move
     p = DEPruner(model, example_inputs, latency_budget=1.0, target="torch", dw_pruning_ratio=0.0,
                  ignored_layers=list(ignored_layers))
     inputs = (example_inputs,)

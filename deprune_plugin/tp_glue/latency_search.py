@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -229,7 +230,6 @@ def _sensitivities(model: nn.Module, units: Sequence[Unit], kept: Callable[[Unit
     scale = float(base.float().norm()) or 1.0
     out: dict[int, list[float]] = {}
     for ui, u in enumerate(units):
-        rem = set()
         losses = []
         for f in levels[ui]:
             rem = set(u.order[:u.width - kept(u, f)])
@@ -328,6 +328,15 @@ class _Frame:
         calls = {**{f"ref|{k}": self.ref_run[k] for k in jobs}, **{f"new|{k}": fn for k, fn in new.items()}}
         med = interleaved_medians(calls, reps=reps or self.reps, warmup=2, gap_s=gap_s)
         return {k: med[f"new|{k}"] / med[f"ref|{k}"] * self.ref_s[k] for k in jobs}
+
+
+def _corrected_budget(current: float, budget_s: float, predicted: float, measured: float, budget_eff: float) -> float:
+    """The knapsack budget for the next round. The table's error is mostly in the savings it predicts (each
+    block timed alone), so the predicted saving is scaled by wanted / measured saving; a ratio of totals is
+    the fallback when nothing was saved."""
+    if measured < current and predicted < current:
+        return current - (current - predicted) * (current - budget_s) / (current - measured)
+    return budget_eff * budget_s / measured
 
 
 def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sens_inputs: tuple,
@@ -438,7 +447,7 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
         tries.append((loss, li, picks, measured, predicted, work))
         if abs(measured / budget_s - 1) <= config.tolerance:
             break
-        budget_eff *= budget_s / measured  # the table's error on this configuration, corrected
+        budget_eff = _corrected_budget(whole[0], budget_s, predicted, measured, budget_eff)
     if not tries:
         fastest = min(sum(table[(len(hidden) - 1, li, len(tap_levels) - 1)]) + rest[li] for li in rest)
         raise ValueError(f"latency_budget={budget:g} is below what the search reaches on {target.name}: its "
@@ -449,6 +458,10 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
     loss, li, picks, measured, predicted, work = min(within, key=lambda t: t[0]) if within else \
         min(tries, key=lambda t: t[3])
     removals, taps = config_of(li, picks)
+    if measured > budget_s * (1 + config.tolerance):
+        warnings.warn(f"latency_budget={budget:g}: the closest configuration found measured {measured / dense:.1%} "
+                      f"of the dense latency on {target.name} after {len(tries)} round(s) (its table predicted "
+                      f"{predicted / dense:.1%}); summary().latency has the per-block figures", stacklevel=4)
     got = frame.times(work, blocks, whole=False)
     block_meas = [got[b.name] for b in blocks]
     rows = []
