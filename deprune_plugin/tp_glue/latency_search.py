@@ -291,12 +291,18 @@ def _block_calls(work: nn.Module, blocks: Sequence[_Block], inputs: tuple) -> di
 
 
 def _runners(target: LatencyTarget, jobs: dict[str, tuple[nn.Module, tuple]]) -> dict[str, Callable[[], Any]]:
-    """Zero-argument calls of each job on a measuring target (built together when the target can)."""
-    many = getattr(target, "runners", None)
-    if callable(many) and len(jobs) > 1:
-        return dict(zip(jobs, many(list(jobs.values()))))
+    """Zero-argument calls of each job on a measuring target. Blocks are built together when the target can
+    (one conversion); the whole model always alone, the way the runtime runs a deployed model, so the
+    reference and every candidate go through the same conversion."""
     run = runner_of(target)
-    return {k: run(m, x) for k, (m, x) in jobs.items()}
+    out = {k: run(m, x) for k, (m, x) in jobs.items() if k == "<model>"}
+    blocks = {k: v for k, v in jobs.items() if k != "<model>"}
+    many = getattr(target, "runners", None)
+    if callable(many) and len(blocks) > 1:
+        out.update(zip(blocks, many(list(blocks.values()))))
+    else:
+        out.update({k: run(m, x) for k, (m, x) in blocks.items()})
+    return out
 
 
 class _Frame:
