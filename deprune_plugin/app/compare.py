@@ -396,27 +396,36 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_compare(result: dict[str, Any], path: str) -> None:
-    """PNG: accuracy after fine-tuning (mean ± std) against non-zero MACs, one point per method."""
+def _axes() -> tuple[Any, Any]:
+    """A headless figure and its one axes (the plots' shared layout)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.5, 4.5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for row in result["summary"]:
-        x = row["macs"][0] / 1e6
-        y, err = row["top1_finetuned"]
-        ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=4, label=row["method"])
-        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    cfg = result["config"]
-    ax.set_xlabel("MACs per image, non-zero weights (M)")
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _finish(fig: Any, ax: Any, cfg: dict[str, Any], xlabel: str, path: str) -> None:
+    """Labels, title from the run's config, grid and legend, then the PNG."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 after fine-tuning (%)")
     ax.set_title(f"{cfg['model']}, {cfg['data']} {cfg['image_size']}px, {len(cfg['seeds'])} seeds")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_compare(result: dict[str, Any], path: str) -> None:
+    """PNG: accuracy after fine-tuning (mean ± std) against non-zero MACs, one point per method."""
+    fig, ax = _axes()
+    for row in result["summary"]:
+        x = row["macs"][0] / 1e6
+        y, err = row["top1_finetuned"]
+        ax.errorbar([x], [y], yerr=[err], fmt="o", capsize=4, label=row["method"])
+        ax.annotate(row["method"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    _finish(fig, ax, result["config"], "MACs per image, non-zero weights (M)", path)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -431,13 +440,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 def plot_latency(result: dict[str, Any], path: str) -> None:
     """PNG: fine-tuned top-1 (mean ± std) against measured latency (ratio to dense, mean ± std), one point
     per method, the Pareto front joined."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     rows = [r for r in result["summary"] if r.get("latency_ratio")]
-    fig = Figure(figsize=(6.5, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _axes()
     pts = [(r["latency_ratio"][0], r["top1_finetuned"][0]) for r in rows]
     for r, (x, y) in zip(rows, pts):
         ax.errorbar([x], [y], xerr=[r["latency_ratio"][1]], yerr=[r["top1_finetuned"][1]], fmt="o", capsize=3)
@@ -445,14 +449,8 @@ def plot_latency(result: dict[str, Any], path: str) -> None:
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="gray", label="Pareto front")
     cfg = result["config"]
-    ax.set_xlabel(f"measured latency / dense ({cfg['latency_target']}, {cfg['latency_size']}px, "
-                  f"batch {cfg['latency_batch']})")
-    ax.set_ylabel("top-1 after fine-tuning (%)")
-    ax.set_title(f"{cfg['model']}, {cfg['data']} {cfg['image_size']}px, {len(cfg['seeds'])} seeds")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _finish(fig, ax, cfg, f"measured latency / dense ({cfg['latency_target']}, {cfg['latency_size']}px, "
+                          f"batch {cfg['latency_batch']})", path)
 
 
 def write_json(result: dict[str, Any], path: str) -> None:
