@@ -9,6 +9,8 @@ import torch
 from deprune_plugin.app.cli import main
 from deprune_plugin.app.compare import (METHODS, CompareConfig, RunResult, compare, format_table, pareto_front,
                                         plot_compare, plot_latency, proxy_tracking)
+from deprune_plugin.core.cost import count_cost
+from deprune_plugin.core.latency import register_target
 from deprune_plugin.tp_glue.baselines import ratio_for_macs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -65,11 +67,21 @@ def test_bad_config_is_named():
         CompareConfig(taps="size")
 
 
+@register_target("_compare_macs")
+class _MacsTarget:
+    """Modelled, deterministic: 1 ns per MAC (so the test's latencies do not depend on machine load)."""
+
+    name, modelled, alignment, taps_reason = "_compare_macs", True, 8, "modelled CPU"
+
+    def seconds(self, module, inputs):
+        return count_cost(module, tuple(inputs)).macs * inputs[0].shape[0] * 1e-9 + 1e-9
+
+
 def test_latency_methods_pair_with_their_reference_and_plot(tmp_path):
     cfg = CompareConfig(limit=40, seeds=(0, 1), methods=("dense", "channels-0.3", "expanded-0.25",
                                                           "latency:channels-0.3"),
-                        dense_epochs=1, finetune_epochs=0, device="cpu", quiet=True, latency_target="torch",
-                        latency_size=32, latency_reps=3)
+                        dense_epochs=1, finetune_epochs=0, device="cpu", quiet=True,
+                        latency_target="_compare_macs", latency_size=32, latency_reps=3)
     res = compare(cfg)
     runs = {(r["method"], r["seed"]): r for r in res["runs"]}
     assert all(runs[("dense", s)]["latency_ratio"] == 1.0 for s in (0, 1))
