@@ -275,7 +275,8 @@ def test_interleaved_medians_round_robin_order_and_medians():
     order: list[str] = []
     med = interleaved_medians({"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.01))},
                               reps=3, warmup=1)
-    assert order == ["a", "b"] * 4  # warm-up round, then three timed rounds, interleaved
+    # a warm-up round, then three timed rounds, interleaved, each starting one candidate later
+    assert order == ["a", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert med["b"] >= 0.01 > med["a"]
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from deprune_plugin import DEPruner, load, save
 from deprune_plugin.core.cost import count_cost
 from deprune_plugin.core.latency import get_target
-from deprune_plugin.tp_glue.latency_search import LatencyConfig, Unit, _prune_copy, _sensitivities
+from deprune_plugin.tp_glue.latency_search import LatencyConfig, Unit, prune_copy, _sensitivities
 
 CONFIG = LatencyConfig(hidden_levels=(0.0, 0.375, 0.75), stream_levels=(0.0, 0.25))
 
@@ -103,7 +103,7 @@ def test_knapsack_beats_uniform_pruning_on_its_proxy(fresh):
     dense = target.seconds(model, (X,))
     uniform = None
     for k, f in enumerate(CONFIG.hidden_levels):
-        work = _prune_copy(model, (X,), {u.name: u.order[:u.width - u.kept(f, 8)] for u in local}, {}, 32)
+        work = prune_copy(model, (X,), {u.name: u.order[:u.width - u.kept(f, 8)] for u in local}, {}, 32)
         if target.seconds(work, (X,)) <= 0.7 * dense:
             uniform = sum(s[k] for s in sens.values())
             break
@@ -122,7 +122,7 @@ def test_sensitivity_is_the_pruned_function(fresh):
     assert any(u.block is None for u in units) and any(u.block is not None for u in units)
     for u in [next(u for u in units if u.block is not None), next(u for u in units if u.block is None)]:
         drop = u.order[: u.width // 2]
-        pruned = _prune_copy(model, (X,), {u.name: drop}, {}, 32)
+        pruned = prune_copy(model, (X,), {u.name: drop}, {}, 32)
         zeroed = copy.deepcopy(model)
         with torch.no_grad():
             for name, idx, ridx in u.consumers:
@@ -252,3 +252,70 @@ def test_budget_correction_scales_the_predicted_saving():
     assert _corrected_budget(10.0, 9.0, 8.0, 7.0, 8.5) == pytest.approx(10 - 2 / 3)
     # nothing saved: the ratio of totals
     assert _corrected_budget(10.0, 9.0, 9.0, 10.5, 9.0) == pytest.approx(9.0 * 9.0 / 10.5)
+
+
+def test_cuda_target_runs_the_same_allocator_on_the_model_without_a_gpu(monkeypatch):
+    """``target="cuda"`` on a machine without a GPU: the allocator runs on the roofline model and says so;
+    the pruned model's modelled time meets the budget and taps are weighed per block, not ruled out."""
+    from deprune_plugin.accel.targets import CudaTarget, modelled_seconds
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = _model()
+    x = torch.randn(32, 3, 128, 128)  # smaller inputs are launch-bound on the model: pruning saves ~nothing
+    dense = modelled_seconds(model, (x,), "sm_90", 2)
+    p = DEPruner(model, x, latency_budget=0.9, target="cuda", latency_config=CONFIG,
+                 sensitivity_inputs=torch.randn(4, 3, 64, 64), ignored_layers=[model.get_classifier()])
+    assert isinstance(p.target, CudaTarget) and p.target.modelled
+    p.step()
+    rep = p.summary().latency
+    assert rep.modelled and rep.target == "cuda" and rep.taps_reason == ""
+    assert rep.dense_s == pytest.approx(dense, rel=1e-9)
+    after = modelled_seconds(model, (x,), "sm_90", 2)
+    assert rep.measured_s == pytest.approx(after, rel=1e-9)
+    assert after <= 0.9 * dense * (1 + CONFIG.tolerance)
+    assert "cuda (modelled)" in str(p.summary())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_target_measures_accelerated_kernels_on_a_gpu():
+    """With a GPU and CuPy the CUDA target times ``accelerate()`` of each block on the device (measured, not
+    modelled), and the search's whole-model figure is a measurement of the pruned model."""
+    from deprune_plugin.accel.targets import CudaTarget, runtime_cupy
+
+    if not runtime_cupy():
+        pytest.skip("needs CuPy")
+    t = CudaTarget()
+    assert t.measure and not t.modelled
+    model = _model()
+    x = torch.randn(8, 3, 64, 64)
+    p = DEPruner(model, x, latency_budget=0.8, target=t, latency_config=CONFIG,
+                 ignored_layers=[model.get_classifier()])
+    p.step()
+    rep = p.summary().latency
+    assert not rep.modelled and "cuda (measured)" in str(p.summary())
+    assert 0 < rep.measured_s < rep.dense_s * 1.05
+
+
+def test_alternatives_are_other_configurations_at_the_same_budget():
+    """``LatencyConfig(alternatives=k)``: k random configurations the table predicts within the budget, each
+    with its own proxy loss and a plan that, applied, has exactly the predicted latency (additive target)."""
+    model = _model()
+    target = MacsTarget()
+    dense = target.seconds(model, (X,))
+    cfg = LatencyConfig(hidden_levels=CONFIG.hidden_levels, stream_levels=CONFIG.stream_levels, alternatives=3)
+    work = copy.deepcopy(model)
+    p = DEPruner(work, X, latency_budget=0.6, target=target, latency_config=cfg,
+                 ignored_layers=[work.get_classifier()])
+    p.step()
+    rep = p.latency_report
+    assert len(rep.alternatives) == 3
+    plans = {tuple((n, tuple(i)) for n, i in a.plan) for a in rep.alternatives}
+    assert len(plans) == 3                                    # random, so different from each other
+    for alt in rep.alternatives:
+        assert alt.predicted_s <= 0.6 * dense * (1 + 1e-9)
+        work = prune_copy(model, (X,), dict(alt.plan), alt.taps, 32)
+        assert target.seconds(work, (X,)) == pytest.approx(alt.predicted_s, rel=1e-6)
+        assert alt.proxy_loss > 0
+    with pytest.raises(ValueError, match="alternatives"):
+        LatencyConfig(alternatives=-1)

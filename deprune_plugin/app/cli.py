@@ -161,7 +161,7 @@ def _add_prune_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-figure", action="store_true", help="do not write the figure")
     g.add_argument("--latency-batch", type=_int_at_least(1), default=1,
                    help="batch of the final latency measurement, at --latency-size (default: %(default)s)")
-    g.add_argument("--latency-reps", type=_int_at_least(1), default=20, help="(default: %(default)s)")
+    g.add_argument("--latency-reps", type=_int_at_least(1), default=50, help="(default: %(default)s)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")

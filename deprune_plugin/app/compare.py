@@ -76,7 +76,7 @@ class CompareConfig:
     latency_target: str | None = "openvino"  # None: no latency measured
     latency_size: int = 224
     latency_batch: int = 1
-    latency_reps: int = 30
+    latency_reps: int = 200  # a millisecond-scale model needs a few hundred rounds for a ratio within ~2%
     device: str = "auto"
     quiet: bool = False
 
@@ -111,6 +111,7 @@ class _Context:
     sensitivity: torch.Tensor | None = None
     latency_of: dict[str, float] | None = None   # method -> measured latency ratio, this seed
     proxy_loss: float | None = None               # set by a latency-aware method
+    search_ratio: float | None = None             # the search's own measured latency / dense
 
 
 def _ignored(model: nn.Module) -> list[nn.Module]:
@@ -175,7 +176,8 @@ def _latency(budget: float | str) -> Callable[[nn.Module, _Context], None]:
                           dw_pruning_ratio=ctx.cfg.dw, sensitivity_inputs=ctx.sensitivity,
                           importance=DEPruneImportance(taps=ctx.cfg.taps), ignored_layers=_ignored(model))
         pruner.step()
-        ctx.proxy_loss = pruner.latency_report.proxy_loss
+        rep = pruner.latency_report
+        ctx.proxy_loss, ctx.search_ratio = rep.proxy_loss, rep.measured_s / rep.dense_s
     return run
 
 
@@ -222,6 +224,7 @@ class RunResult:
     top1_finetuned: float
     latency_ratio: float | None = None   # measured latency / the dense model's, on the latency target
     proxy_loss: float | None = None      # latency-aware methods: the search's summed sensitivity
+    search_latency_ratio: float | None = None  # latency-aware methods: what the search measured itself
 
 
 def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm, done: int = 0) -> list[RunResult]:
@@ -261,7 +264,8 @@ def _one_seed(cfg: CompareConfig, seed: int, bar: tqdm, done: int = 0) -> list[R
         train(model, train_loader, cfg.finetune_epochs, cfg.finetune_lr, dev, True, desc=f"fine-tune {method}",
               teacher=teacher, kd_temperature=cfg.kd_temperature, kd_alpha=cfg.kd_alpha)
         results.append(RunResult(method, seed, cost.macs, cost.params, top1_pruned, recal,
-                                 evaluate(model, test_loader, dev, True), measured.get(method), ctx.proxy_loss))
+                                 evaluate(model, test_loader, dev, True), measured.get(method), ctx.proxy_loss,
+                                 ctx.search_ratio))
         bar.update(1)
         if bar.disable and not cfg.quiet:  # no bar in a log: one plain line per finished run instead
             print(f"compare: {done + len(results)}/{len(cfg.seeds) * len(cfg.methods)} seed {seed} {method}: top-1 "
@@ -297,7 +301,7 @@ def summarize(runs: Sequence[RunResult], methods: Sequence[str]) -> list[dict[st
             continue
         row: dict[str, Any] = {"method": method, "seeds": [r.seed for r in mine]}
         for key in ("macs", "params", "top1_pruned", "top1_recalibrated", "top1_finetuned", "latency_ratio",
-                    "proxy_loss"):
+                    "search_latency_ratio", "proxy_loss"):
             vals = [getattr(r, key) for r in mine if getattr(r, key) is not None]
             row[key] = _mean_std([float(v) for v in vals]) if vals else None
         rows.append(row)
@@ -347,19 +351,10 @@ def proxy_tracking(runs: Sequence[RunResult]) -> dict[str, Any] | None:
         return None
 
     def spearman(xs: list[float], ys: list[float]) -> float | None:
-        def ranks(v: list[float]) -> list[float]:
-            order = sorted(range(len(v)), key=lambda i: v[i])
-            r = [0.0] * len(v)
-            for pos, i in enumerate(order):
-                r[i] = float(pos)
-            return r
         if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
             return None
-        rx, ry = ranks(xs), ranks(ys)
-        mx, my = statistics.fmean(rx), statistics.fmean(ry)
-        num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-        den = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-        return num / den if den else None
+        from scipy.stats import spearmanr  # scikit-learn's dependency
+        return float(spearmanr(xs, ys).statistic)
     seeds = sorted({s for _, _, s in pts})
     return {"points": [{"proxy_loss": p, "top1": t, "seed": s} for p, t, s in pts],
             "spearman_pooled": spearman([p for p, _, _ in pts], [t for _, t, _ in pts]),

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["LatencyTarget", "runner_of", "register_target", "get_target", "target_names", "BlockLatency",
-           "LatencyReport"]
+           "Alternative", "LatencyReport"]
 
 
 @runtime_checkable
@@ -89,6 +89,17 @@ class BlockLatency:
 
 
 @dataclass
+class Alternative:
+    """Another configuration on the same latency table at the same budget (for checking the proxy): what to
+    remove (``(unit root name, channels)``), DW tap ratios, its proxy loss and its predicted seconds."""
+
+    plan: list[tuple[str, list[int]]]
+    taps: dict[str, float]
+    proxy_loss: float
+    predicted_s: float
+
+
+@dataclass
 class LatencyReport:
     """What a latency-aware prune chose and what it measured (``Summary.latency``).
 
@@ -109,6 +120,7 @@ class LatencyReport:
     proxy: str = ""
     proxy_loss: float = 0.0
     rounds: int = 1
+    alternatives: list[Alternative] = field(default_factory=list)
 
     @property
     def speedup(self) -> float | None:

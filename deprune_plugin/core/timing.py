@@ -123,7 +123,9 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: in
 
     Args:
         candidates: name -> zero-argument callable.
-        reps: timed rounds (each round calls every candidate once).
+        reps: timed rounds (each round calls every candidate once; round ``r`` starts at candidate
+            ``r mod n``, so no candidate always runs right after the same other one: on a CPU the one
+            before leaves caches and thread pools in its state, which biases a fixed order by several %).
         warmup: untimed rounds first.
         device: where the callables run.
         clock: ``"wall"`` (default: end-to-end latency) or ``"device"`` (CUDA kernel time).
@@ -147,8 +149,10 @@ def interleaved_medians(candidates: Mapping[str, Callable[[], object]], reps: in
         torch.cuda.synchronize(device)
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     # disable=None: no bar unless stderr is a terminal (in a log, its \r updates pile up into one line)
-    for _ in tqdm(range(reps), desc=desc, disable=quiet or None, leave=False):
-        for name, fn in candidates.items():
+    items = list(candidates.items())
+    for r in tqdm(range(reps), desc=desc, disable=quiet or None, leave=False):
+        k = r % len(items)
+        for name, fn in items[k:] + items[:k]:
             if gap_s > 0:
                 time.sleep(gap_s)
             samples[name].append(time_call(fn, device, clock=clock, cold_l2=cold_l2).device_s)

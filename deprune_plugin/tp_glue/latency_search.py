@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -35,15 +36,15 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..core.allocation import Option, allocate
-from ..core.latency import BlockLatency, LatencyReport, LatencyTarget, runner_of
+from ..core.allocation import Option, allocate, total
+from ..core.latency import Alternative, BlockLatency, LatencyReport, LatencyTarget, runner_of
 from ..core.masks import attach_tap_mask, is_depthwise, remove_tap_masks, tap_mask
 from ..core.method import bwt_keep_mask
 from ..core.timing import interleaved_medians
 from .limits import bounded_groups
 from .structure import DEPruneStructure, channel_group, is_pointwise
 
-__all__ = ["LatencyConfig", "Unit", "SearchResult", "find_units", "search"]
+__all__ = ["LatencyConfig", "Unit", "SearchResult", "find_units", "prune_copy", "search"]
 
 PROXY = ("sensitivity: relative output change ||f'(x) - f(x)|| / ||f(x)|| on the sensitivity batch when one "
          "unit alone loses its least important channels (l2 group order), summed over units")
@@ -61,6 +62,11 @@ class LatencyConfig:
             budget are preferred).
         rounds: most correction rounds.
         resolution: latency grid of the knapsack.
+        seconds: timing per latency-table cell on a measuring target (more rounds, less noise); the whole-model
+            checks take twice that.
+        alternatives: also draw this many random configurations that the table predicts at the same budget
+            (blocks pruned one level at a time in random order until the budget is met) and report them with
+            their proxy losses, to check that the proxy ranks configurations the way accuracy does.
     """
 
     hidden_levels: tuple[float, ...] = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
@@ -68,6 +74,8 @@ class LatencyConfig:
     tolerance: float = 0.03
     rounds: int = 4
     resolution: int = 2000
+    alternatives: int = 0
+    seconds: float = 0.6
 
     def __post_init__(self) -> None:
         for name in ("hidden_levels", "stream_levels"):
@@ -77,8 +85,8 @@ class LatencyConfig:
                 raise ValueError(f"{name} must be increasing fractions in [0, 1) starting at 0.0, got {levels!r}")
         if not 0.0 < self.tolerance < 0.5:
             raise ValueError(f"tolerance must be in (0, 0.5), got {self.tolerance!r}")
-        if self.rounds < 1 or self.resolution < 10:
-            raise ValueError("rounds must be >= 1 and resolution >= 10")
+        if self.rounds < 1 or self.resolution < 10 or self.alternatives < 0 or not self.seconds > 0:
+            raise ValueError("rounds must be >= 1, resolution >= 10, alternatives >= 0 and seconds > 0")
 
 
 @dataclass
@@ -198,7 +206,7 @@ def find_units(DG, model: nn.Module, structure: DEPruneStructure, blocks: Sequen
     return units
 
 
-def _prune_copy(model: nn.Module, inputs: tuple, removals: dict[str, list[int]],
+def prune_copy(model: nn.Module, inputs: tuple, removals: dict[str, list[int]],
                 taps: dict[str, float], group_size: int) -> nn.Module:
     """A pruned deep copy: each unit root loses the given output channels (torch-pruning), then each named
     DW conv gets BWT tap masks at its ratio."""
@@ -312,18 +320,25 @@ class _Frame:
     answers directly."""
 
     def __init__(self, target: LatencyTarget, reference: nn.Module, blocks: Sequence[_Block], inputs: tuple,
-                 reps: int) -> None:
-        self.target, self.inputs, self.reps = target, inputs, reps
+                 seconds: float, min_reps: int = 8) -> None:
+        self.target, self.inputs, self.seconds, self.min_reps = target, inputs, seconds, min_reps
         self.measures = runner_of(target) is not None
         jobs = _block_calls(reference, blocks, inputs)
         jobs["<model>"] = (reference, inputs)
         if self.measures:
             self.ref_run = _runners(target, jobs)
-            self.ref_s = interleaved_medians(self.ref_run, reps=reps * 2, warmup=2)
+            self.ref_s = interleaved_medians(self.ref_run, reps=min_reps, warmup=2)
+            self.ref_s = interleaved_medians(self.ref_run, reps=self._reps(self.ref_s.values(), 2.0), warmup=0)
         else:
             self.ref_s = {k: target.seconds(m, x) for k, (m, x) in jobs.items()}
 
-    def times(self, work: nn.Module, blocks: Sequence[_Block], whole: bool, reps: int | None = None,
+    def _reps(self, per_round: Any, factor: float = 1.0, gap_s: float = 0.0) -> int:
+        """Rounds that fill ``seconds * factor`` of timing, at least ``min_reps``: a millisecond-scale model
+        needs a few hundred rounds for a ratio within about 2% on a shared machine."""
+        round_s = sum(s + gap_s for s in per_round) or 1e-6
+        return max(self.min_reps, min(400, int(self.seconds * factor / round_s)))
+
+    def times(self, work: nn.Module, blocks: Sequence[_Block], whole: bool, factor: float = 1.0,
               gap_s: float = 0.0) -> dict[str, float]:
         jobs = _block_calls(work, blocks, self.inputs) if blocks else {}
         if whole:
@@ -332,7 +347,8 @@ class _Frame:
             return {k: self.target.seconds(m, x) for k, (m, x) in jobs.items()}
         new = _runners(self.target, jobs)
         calls = {**{f"ref|{k}": self.ref_run[k] for k in jobs}, **{f"new|{k}": fn for k, fn in new.items()}}
-        med = interleaved_medians(calls, reps=reps or self.reps, warmup=2, gap_s=gap_s)
+        reps = self._reps([2 * self.ref_s[k] for k in jobs], factor, gap_s)
+        med = interleaved_medians(calls, reps=reps, warmup=2, gap_s=gap_s)
         return {k: med[f"new|{k}"] / med[f"ref|{k}"] * self.ref_s[k] for k in jobs}
 
 
@@ -388,8 +404,8 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
     whole: dict[int, float] = {}
     n_cells = len(hidden) * len(streams) * len(tap_levels)
     with bar(total=n_cells + 1, desc=f"latency table ({target.name})") as progress:
-        reference = _prune_copy(model, inputs, {}, {}, group_size)
-        frame = _Frame(target, reference, blocks, inputs, reps=8)
+        reference = prune_copy(model, inputs, {}, {}, group_size)
+        frame = _Frame(target, reference, blocks, inputs, seconds=config.seconds)
         progress.update(1)
         for li, lf in enumerate(streams):
             for ki, kf in enumerate(hidden):
@@ -399,7 +415,7 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
                     else:
                         removals = {u.name: u.order[:u.width - kept(u, kf if u.block is not None else lf)]
                                     for u in units}
-                        work = _prune_copy(model, inputs, removals, {n: tf for b in blocks for n in b.dw},
+                        work = prune_copy(model, inputs, removals, {n: tf for b in blocks for n in b.dw},
                                            group_size)
                         got = frame.times(work, blocks, whole=ki == 0 and ti == 0)
                     table[(ki, li, ti)] = [got[b.name] for b in blocks]
@@ -447,8 +463,8 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
             break
         loss, li, picks = sol
         removals, taps = config_of(li, picks)
-        work = _prune_copy(model, inputs, removals, taps, group_size)
-        measured = frame.times(work, [], whole=True, reps=20, gap_s=0.002)["<model>"]
+        work = prune_copy(model, inputs, removals, taps, group_size)
+        measured = frame.times(work, [], whole=True, factor=2.0, gap_s=0.002)["<model>"]
         predicted = rest[li] + sum(table[(k, li, t)][bi] for bi, (k, t) in enumerate(picks))
         tries.append((loss, li, picks, measured, predicted, work))
         if abs(measured / budget_s - 1) <= config.tolerance:
@@ -478,9 +494,29 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
         st = (outs[0].width, kept(outs[0], streams[li])) if outs else None
         rows.append(BlockLatency(b.name, hid, st, tap_levels[picks[bi][1]], table[(0, 0, 0)][bi],
                                  table[(picks[bi][0], li, picks[bi][1])][bi], block_meas[bi]))
+    alternatives = []
+    rng = random.Random(0)
+    for _ in range(3 * config.alternatives):
+        if len(alternatives) == config.alternatives:
+            break
+        ali = rng.randrange(len(streams))
+        opts = [options(bi, ali) for bi in range(len(blocks))]
+        at = [0] * len(blocks)  # option index per block; options go from least to most pruned
+        steps = [bi for bi in range(len(blocks)) for _ in range(len(opts[bi]) - 1)]
+        rng.shuffle(steps)
+        # the effective budget the chosen configuration was solved for, so both carry the same table error
+        while rest[ali] + total(opts, at)[0] > budget_eff and steps:
+            bi = steps.pop()
+            at[bi] += 1
+        lat, aloss = total(opts, at)
+        if rest[ali] + lat > budget_eff:
+            continue
+        arem, ataps = config_of(ali, [opts[bi][c].value for bi, c in enumerate(at)])
+        aloss += sum(sens[index[id(u)]][ali] for u in shared)
+        alternatives.append(Alternative([(n, i) for n, i in arem.items() if i], ataps, aloss, rest[ali] + lat))
     report = LatencyReport(target=target.name, modelled=target.modelled, budget=budget, dense_s=dense,
                            predicted_s=predicted, measured_s=measured, blocks=rows, stream_ratio=streams[li],
                            taps_reason=target.taps_reason if tap_ratio > 0 else "", proxy=PROXY, proxy_loss=loss,
-                           rounds=len(tries))
+                           rounds=len(tries), alternatives=alternatives)
     plan = [(name, idxs) for name, idxs in removals.items() if idxs]
     return SearchResult(plan, taps, report, loss)
