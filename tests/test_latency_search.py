@@ -197,7 +197,7 @@ def test_budget_out_of_reach_says_how_far_it_can_go():
                  latency_config=LatencyConfig(hidden_levels=(0.0, 0.75), stream_levels=(0.0,)),
                  ignored_layers=[model.get_classifier()])
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"latency_budget=0.05 is below .* fastest configuration is predicted at \d+%"):
+    with pytest.raises(ValueError, match=r"latency_budget=0.05 is below .* fastest configuration .* takes \d+%"):
         p.step()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -319,3 +319,39 @@ def test_alternatives_are_other_configurations_at_the_same_budget():
         assert alt.proxy_loss > 0
     with pytest.raises(ValueError, match="alternatives"):
         LatencyConfig(alternatives=-1)
+
+
+def test_in_context_factor_by_hand():
+    from deprune_plugin.tp_glue.latency_search import _in_context
+
+    # blocks alone save 1.0 s (2 -> 1), the whole model 0.6 s (3 -> 2.4): 60% of a block's saving shows
+    assert _in_context([1.0, 1.0], [0.5, 0.5], 3.0, 2.4) == pytest.approx(0.6)
+    assert _in_context([1.0, 1.0], [0.99, 1.0], 3.0, 2.0) == 1.0     # 0.5% saved: too little to measure a ratio
+    assert _in_context([1.0, 1.0], [0.5, 0.5], 3.0, -5.0) == 2.0     # clamped
+    assert _in_context([1.0, 1.0], [0.5, 0.5], 3.0, 3.1) == 0.25
+
+
+class AloneCostsDoubleTarget(MacsTarget):
+    """A block timed alone costs twice its MACs (as if it paid its own layout conversions); the whole model
+    costs its MACs. Summing blocks' savings timed alone would predict twice the real saving."""
+
+    name = "alone-x2"
+
+    def seconds(self, module, inputs):
+        t = super().seconds(module, inputs)
+        return t if isinstance(module, timm.models.efficientnet.EfficientNet) else 2 * t
+
+
+def test_the_table_scales_block_savings_to_what_the_whole_model_shows():
+    model = _model()
+    target = AloneCostsDoubleTarget()
+    dense = target.seconds(model, (X,))
+    p = DEPruner(model, X, latency_budget=0.6, target=target, latency_config=CONFIG,
+                 ignored_layers=[model.get_classifier()])
+    p.step()
+    rep = p.latency_report
+    assert rep.rounds == 1                                    # on budget at once: no correction round needed
+    assert rep.measured_s == pytest.approx(target.seconds(model, (X,)), rel=1e-9)
+    assert rep.predicted_s == pytest.approx(rep.measured_s, rel=1e-6)  # exact for a mixed configuration too
+    assert 0.6 * dense * (1 - 2 * CONFIG.tolerance) <= rep.measured_s <= 0.6 * dense * (1 + CONFIG.tolerance)
+    assert len({b.predicted_s for b in rep.blocks if b.hidden and b.hidden[0] != b.hidden[1]}) > 1

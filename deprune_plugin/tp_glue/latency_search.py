@@ -11,7 +11,9 @@ Three axes, each per block where the model allows it:
 Latency table: for every hidden level ``k`` and stream fraction ``l`` (and tap choice) a copy of the model is
 pruned uniformly and each block module is timed on the target at the shapes it sees; a block's latency
 depends only on its own widths, so the table predicts any mix of levels. What lies outside the blocks
-(stem, head, classifier, per-call overhead) is the whole model's latency minus its blocks', per ``l``.
+(stem, head, classifier, per-call overhead) is the whole model's latency minus its blocks', per ``l``. The
+whole copy is timed too: the fraction of the blocks' summed saving that shows in the whole model (a block
+timed alone pays its own layout conversions and cold caches) scales each block's saving at that cell.
 
 Importance proxy (sensitivity): for each unit and level, the relative change of the model's output
 ``||f'(x) - f(x)|| / ||f(x)||`` on the sensitivity batch when that unit alone loses its least important
@@ -352,6 +354,18 @@ class _Frame:
         return {k: med[f"new|{k}"] / med[f"ref|{k}"] * self.ref_s[k] for k in jobs}
 
 
+def _in_context(base_blocks: Sequence[float], blocks: Sequence[float], base_whole: float, whole: float) -> float:
+    """The fraction of the blocks' summed saving (each block timed alone) that the whole model shows, for one
+    uniformly pruned copy against its unpruned reference. Alone, a block pays its own input/output layout
+    conversions and cold caches, so its saving is not the saving it brings inside the model; the factor
+    is measured per table cell and applied to every block's saving at that level. 1 when the copy saves
+    too little to measure a ratio."""
+    saved = sum(base_blocks) - sum(blocks)
+    if saved <= 0.02 * sum(base_blocks):
+        return 1.0
+    return min(2.0, max(0.25, (base_whole - whole) / saved))
+
+
 def _corrected_budget(current: float, budget_s: float, predicted: float, measured: float, budget_eff: float) -> float:
     """The knapsack budget for the next round. The table's error is mostly in the savings it predicts (each
     block timed alone), so the predicted saving is scaled by wanted / measured saving; a ratio of totals is
@@ -400,6 +414,7 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
 
     # ---- latency table: blocks x hidden level x stream level x taps, plus the rest per stream level
     table: dict[tuple[int, int, int], list[float]] = {}
+    cell_whole: dict[tuple[int, int, int], float] = {}
     rest: dict[int, float] = {}
     whole: dict[int, float] = {}
     n_cells = len(hidden) * len(streams) * len(tap_levels)
@@ -416,15 +431,22 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
                         removals = {u.name: u.order[:u.width - kept(u, kf if u.block is not None else lf)]
                                     for u in units}
                         work = prune_copy(model, inputs, removals, {n: tf for b in blocks for n in b.dw},
-                                           group_size)
-                        got = frame.times(work, blocks, whole=ki == 0 and ti == 0)
+                                          group_size)
+                        got = frame.times(work, blocks, whole=True)
                     table[(ki, li, ti)] = [got[b.name] for b in blocks]
+                    cell_whole[(ki, li, ti)] = got["<model>"]
                     if ki == 0 and ti == 0:
                         whole[li] = got["<model>"]
                         rest[li] = whole[li] - sum(table[(0, li, 0)])
                     progress.update(1)
     dense = dense_s if dense_s is not None else whole[0]  # later iterative steps: the first step's frame
     budget_s = budget * dense
+    scale = {c: _in_context(table[(0, c[1], 0)], table[c], cell_whole[(0, c[1], 0)], cell_whole[c]) for c in table}
+
+    def lat(ki: int, li: int, ti: int, bi: int) -> float:
+        """Block ``bi``'s latency in the model: its saving timed alone, scaled by the cell's in-context factor."""
+        base = table[(0, li, 0)][bi]
+        return base - scale[(ki, li, ti)] * (base - table[(ki, li, ti)][bi])
 
     def options(bi: int, li: int) -> list[Option]:
         opts = []
@@ -432,7 +454,7 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
             for ti, tf in enumerate(tap_levels):
                 loss = sum(sens[j][ki] for j in by_block.get(bi, []))
                 loss += sum(tap_sens.get(n, 0.0) for n in blocks[bi].dw) if tf > 0 else 0.0
-                opts.append(Option(table[(ki, li, ti)][bi], loss, value=(ki, ti)))
+                opts.append(Option(lat(ki, li, ti, bi), loss, value=(ki, ti)))
         return opts
 
     def solve(budget_eff: float) -> tuple[float, int, list[tuple[int, int]]] | None:
@@ -465,15 +487,16 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
         removals, taps = config_of(li, picks)
         work = prune_copy(model, inputs, removals, taps, group_size)
         measured = frame.times(work, [], whole=True, factor=2.0, gap_s=0.002)["<model>"]
-        predicted = rest[li] + sum(table[(k, li, t)][bi] for bi, (k, t) in enumerate(picks))
+        predicted = rest[li] + sum(lat(k, li, t, bi) for bi, (k, t) in enumerate(picks))
         tries.append((loss, li, picks, measured, predicted, work))
         if abs(measured / budget_s - 1) <= config.tolerance:
             break
         budget_eff = _corrected_budget(whole[0], budget_s, predicted, measured, budget_eff)
     if not tries:
-        fastest = min(sum(table[(len(hidden) - 1, li, len(tap_levels) - 1)]) + rest[li] for li in rest)
+        fastest = min(cell_whole[(len(hidden) - 1, li, len(tap_levels) - 1)] for li in rest)
         raise ValueError(f"latency_budget={budget:g} is below what the search reaches on {target.name}: its "
-                         f"fastest configuration is predicted at {fastest / dense:.0%} of the dense latency")
+                         f"fastest configuration (every unit at its last level) takes {fastest / dense:.0%} of the "
+                         "dense latency")
     # prefer tries that land near the budget (not far under it: that is accuracy given away), then least loss
     band = [t for t in tries if budget_s * (1 - 2 * config.tolerance) <= t[3] <= budget_s * (1 + config.tolerance)]
     within = band or [t for t in tries if t[3] <= budget_s * (1 + config.tolerance)]
@@ -508,12 +531,12 @@ def search(model: nn.Module, DG, structure: DEPruneStructure, inputs: tuple, sen
         while rest[ali] + total(opts, at)[0] > budget_eff and steps:
             bi = steps.pop()
             at[bi] += 1
-        lat, aloss = total(opts, at)
-        if rest[ali] + lat > budget_eff:
+        alat, aloss = total(opts, at)
+        if rest[ali] + alat > budget_eff:
             continue
         arem, ataps = config_of(ali, [opts[bi][c].value for bi, c in enumerate(at)])
         aloss += sum(sens[index[id(u)]][ali] for u in shared)
-        alternatives.append(Alternative([(n, i) for n, i in arem.items() if i], ataps, aloss, rest[ali] + lat))
+        alternatives.append(Alternative([(n, i) for n, i in arem.items() if i], ataps, aloss, rest[ali] + alat))
     report = LatencyReport(target=target.name, modelled=target.modelled, budget=budget, dense_s=dense,
                            predicted_s=predicted, measured_s=measured, blocks=rows, stream_ratio=streams[li],
                            taps_reason=target.taps_reason if tap_ratio > 0 else "", proxy=PROXY, proxy_loss=loss,
