@@ -209,7 +209,7 @@ def find_units(DG, model: nn.Module, structure: DEPruneStructure, blocks: Sequen
 
 
 def prune_copy(model: nn.Module, inputs: tuple, removals: dict[str, list[int]],
-                taps: dict[str, float], group_size: int) -> nn.Module:
+               taps: dict[str, float], group_size: int) -> nn.Module:
     """A pruned deep copy: each unit root loses the given output channels (torch-pruning), then each named
     DW conv gets BWT tap masks at its ratio."""
     work = copy.deepcopy(model).eval()
