@@ -63,7 +63,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": "python examples/latency_model_check.py " + " ".join(
-                f"--{k} {v}" for k, v in vars(args).items() if k != "json"), "cpu": cpu_name(),
+                f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
+                if k != "json" and v is not None), "cpu": cpu_name(),
                 "threads": torch.get_num_threads(), "target": args.target, "size": args.size, "rows": rows}, f,
                 indent=1)
 
