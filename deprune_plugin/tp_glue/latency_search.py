@@ -335,7 +335,8 @@ class _Frame:
             self.ref_s = {k: target.seconds(m, x) for k, (m, x) in jobs.items()}
 
     def _reps(self, per_round: Any, factor: float = 1.0, gap_s: float = 0.0) -> int:
-        """Rounds that fill ``seconds * factor`` of timing, at least ``min_reps``: a millisecond-scale model
+        """Rounds that fill ``seconds * factor`` of timing (``per_round``: seconds of each call in a round, each
+        preceded by ``gap_s``), at least ``min_reps``: a millisecond-scale model
         needs a few hundred rounds for a ratio within about 2% on a shared machine."""
         round_s = sum(s + gap_s for s in per_round) or 1e-6
         return max(self.min_reps, min(400, int(self.seconds * factor / round_s)))
@@ -349,7 +350,7 @@ class _Frame:
             return {k: self.target.seconds(m, x) for k, (m, x) in jobs.items()}
         new = _runners(self.target, jobs)
         calls = {**{f"ref|{k}": self.ref_run[k] for k in jobs}, **{f"new|{k}": fn for k, fn in new.items()}}
-        reps = self._reps([2 * self.ref_s[k] for k in jobs], factor, gap_s)
+        reps = self._reps([self.ref_s[k] for k in jobs for _ in (0, 1)], factor, gap_s)  # ref and new calls
         med = interleaved_medians(calls, reps=reps, warmup=2, gap_s=gap_s)
         return {k: med[f"new|{k}"] / med[f"ref|{k}"] * self.ref_s[k] for k in jobs}
 
