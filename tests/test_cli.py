@@ -289,9 +289,9 @@ def test_prune_on_an_imagefolder_tree(tmp_path, capsys):
     data = tmp_path / "data"
     _image_tree(data / "train")
     _image_tree(data / "val", per_class=2)
-    code = main(["prune", "--data", str(data), "--model", "mobilenetv3_small_050", "--image-size", "32",
-                 "--pretrain-epochs", "1", "--finetune-epochs", "1", "--latency-reps", "2", "--latency-batch", "2",
-                 "--quiet", "--device", "cpu", "--out", str(tmp_path / "m.pt")])
+    code = main(["prune", "--data", str(data), "--model", "mobilenetv3_small_050", "--image-size", "32", "--paper",
+                 "--latency-size", "32", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--latency-reps", "2",
+                 "--latency-batch", "2", "--quiet", "--device", "cpu", "--out", str(tmp_path / "m.pt")])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert load_extra(tmp_path / "m.pt")["args"]["data"] == str(data)
