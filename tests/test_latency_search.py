@@ -45,15 +45,21 @@ def _model():
 X = torch.randn(2, 3, 64, 64)
 
 
+def _prune_at(target, budget: float = 0.6):
+    """``(model, pruner, dense seconds)`` of one latency-aware prune of a fresh model on ``target``."""
+    model = _model()
+    dense = target.seconds(model, (X,))
+    p = DEPruner(model, X, latency_budget=budget, target=target, latency_config=CONFIG,
+                 ignored_layers=[model.get_classifier()])
+    p.step()
+    return model, p, dense
+
+
 @pytest.fixture(scope="module")
 def pruned():
     """One latency-aware prune at 60% on the MACs target, shared by the tests that read its result."""
-    model = _model()
     target = MacsTarget()
-    dense = target.seconds(model, (X,))
-    p = DEPruner(model, X, latency_budget=0.6, target=target, latency_config=CONFIG,
-                 ignored_layers=[model.get_classifier()])
-    p.step()
+    model, p, dense = _prune_at(target)
     return model, p, target, dense
 
 
@@ -343,12 +349,8 @@ class AloneCostsDoubleTarget(MacsTarget):
 
 
 def test_the_table_scales_block_savings_to_what_the_whole_model_shows():
-    model = _model()
     target = AloneCostsDoubleTarget()
-    dense = target.seconds(model, (X,))
-    p = DEPruner(model, X, latency_budget=0.6, target=target, latency_config=CONFIG,
-                 ignored_layers=[model.get_classifier()])
-    p.step()
+    model, p, dense = _prune_at(target)
     rep = p.latency_report
     assert rep.rounds == 1                                    # on budget at once: no correction round needed
     assert rep.measured_s == pytest.approx(target.seconds(model, (X,)), rel=1e-9)
